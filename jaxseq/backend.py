@@ -1,0 +1,114 @@
+"""What a server computes: a contiguous range of blocks, forward and backward, jit-compiled.
+
+Shapes are bucketed so that a server compiles a bounded number of functions whatever batch and
+sequence lengths clients send: batch and sequence are padded up to a bucket (at most four per
+power of two, so at most 25% padding) and the result is sliced back. Padding is exact: rows are
+independent, and causal attention means padded positions at the end never reach real ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseq.config import LlamaConfig
+from jaxseq.llama import BlockParams, run_span
+
+
+def bucket(n: int) -> int:
+    """Smallest bucket size >= n: exact up to 8, then multiples of a quarter of the power of two below n.
+
+    Example:
+        >>> [bucket(n) for n in (1, 7, 9, 100, 128, 129)]
+        [1, 7, 10, 112, 128, 160]
+    """
+    if n <= 8:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+def _pad(a: np.ndarray, axis_sizes: dict[int, int]) -> np.ndarray:
+    pads = [(0, 0)] * a.ndim
+    for axis, size in axis_sizes.items():
+        pads[axis] = (0, size - a.shape[axis])
+    if all(p == (0, 0) for p in pads):
+        return a
+    return np.pad(a, pads)
+
+
+class BlockBackend:
+    """Blocks ``first..first+len(blocks)-1`` of a model, ready to run any sub-span of them.
+
+    Example:
+        >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        ...                   num_key_value_heads=2, num_hidden_layers=2)
+        >>> backend = BlockBackend(cfg, init_block_params(cfg, jax.random.key(0)))
+        >>> backend.forward(np.ones((1, 3, 64), np.float32), np.zeros((2, 1, 0, 64), np.float32), 0, 2).shape
+        (1, 3, 64)
+    """
+
+    def __init__(self, cfg: LlamaConfig, blocks: Sequence[BlockParams], first: int = 0):
+        self.cfg = cfg
+        self.first = first
+        self.blocks = [jax.tree.map(jnp.asarray, b) for b in blocks]
+        self.dtype = self.blocks[0]["q_proj"].dtype
+        self._compiled: set[tuple] = set()
+        self._lock = threading.Lock()
+
+        def forward(blocks, x, prompts):
+            return run_span(cfg, blocks, x, prompts)
+
+        def backward(blocks, x, prompts, grad_out):
+            _, vjp = jax.vjp(lambda x_, p_: run_span(cfg, blocks, x_, p_), x, prompts)
+            return vjp(grad_out)
+
+        self._forward = jax.jit(forward)
+        self._backward = jax.jit(backward)
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.blocks)
+
+    @property
+    def compile_count(self) -> int:
+        """Distinct (stage, span, shape) combinations compiled so far."""
+        return len(self._compiled)
+
+    def _span(self, start: int, end: int) -> list[BlockParams]:
+        if not self.first <= start < end <= self.end:
+            raise ValueError(f"blocks {start}:{end} are not all within the served blocks {self.first}:{self.end}")
+        return self.blocks[start - self.first : end - self.first]
+
+    def _padded(self, stage: str, start: int, end: int, x: np.ndarray, prompts: np.ndarray, *extra: np.ndarray):
+        batch, seq, _ = x.shape
+        sizes = {0: bucket(batch), 1: bucket(seq)}
+        x_p = _pad(x.astype(self.dtype, copy=False), sizes)
+        prompts_p = _pad(prompts.astype(self.dtype, copy=False), {1: sizes[0]})
+        extra_p = [_pad(e.astype(self.dtype, copy=False), sizes) for e in extra]
+        with self._lock:
+            self._compiled.add((stage, end - start, x_p.shape, prompts_p.shape))
+        return x_p, prompts_p, extra_p
+
+    def forward(self, x: np.ndarray, prompts: np.ndarray, start: int, end: int) -> np.ndarray:
+        """Hidden states after blocks ``start..end-1``; ``prompts`` is ``[end-start, batch, prompt_len, hidden]``."""
+        batch, seq, _ = x.shape
+        x_p, prompts_p, _ = self._padded("forward", start, end, x, prompts)
+        out = self._forward(self._span(start, end), x_p, prompts_p)
+        return np.asarray(out)[:batch, :seq].astype(x.dtype, copy=False)
+
+    def backward(
+        self, x: np.ndarray, prompts: np.ndarray, grad_out: np.ndarray, start: int, end: int
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Gradients w.r.t. the span's inputs and (if ``prompt_len > 0``) its prompts."""
+        batch, seq, _ = x.shape
+        x_p, prompts_p, (grad_p,) = self._padded("backward", start, end, x, prompts, grad_out)
+        grad_x, grad_prompts = self._backward(self._span(start, end), x_p, prompts_p, grad_p)
+        grad_x = np.asarray(grad_x)[:batch, :seq].astype(x.dtype, copy=False)
+        if prompts.shape[2] == 0:
+            return grad_x, None
+        return grad_x, np.asarray(grad_prompts)[:, :batch].astype(prompts.dtype, copy=False)

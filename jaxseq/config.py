@@ -1,0 +1,99 @@
+"""Frozen configuration dataclasses: the model's shape and the client's behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Shape of a Llama decoder stack, as in a Hugging Face ``config.json``.
+
+    Example:
+        >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        ...                   num_key_value_heads=2, num_hidden_layers=2)
+        >>> cfg.head_dim
+        16
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    head_dim: Optional[int] = None
+    vocab_size: int = 32000
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; pass head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """How a client talks to the swarm. Every retry loop is bounded by ``max_retries`` and ``deadline``.
+
+    Attributes:
+        max_retries: failed attempts allowed at one position of the chain before the call gives up.
+        deadline: seconds a whole forward or backward call may take, retries included.
+        min_backoff, max_backoff: exponential backoff between retries, in seconds.
+        max_tokens_in_batch: inputs are split into micro-batches of ``max(max_tokens_in_batch // seq, 1)`` rows.
+        request_timeout: seconds one RPC may take (also capped by what is left of ``deadline``).
+        connect_timeout: seconds to open a connection to a server.
+        ban_timeout: seconds a failing server is avoided by routing.
+        update_period: seconds between background refreshes of the swarm view.
+        max_saved_states: forward states kept for backward (LRU); a backward whose state
+            was dropped recomputes the forward instead of failing.
+        compression: wire compression for tensors sent to servers: "none", "float16", "bfloat16", "uniform8bit".
+        allowed_servers: if given, only these server peer ids (base58) are ever routed to.
+
+    Example:
+        >>> cfg = ClientConfig(max_retries=3, deadline=30.0)
+    """
+
+    max_retries: int = 8
+    deadline: float = 300.0
+    min_backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_tokens_in_batch: int = 1024
+    request_timeout: float = 120.0
+    connect_timeout: float = 5.0
+    ban_timeout: float = 15.0
+    update_period: float = 30.0
+    max_saved_states: int = 16
+    compression: str = "none"
+    allowed_servers: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self):
+        for name in ("deadline", "request_timeout", "connect_timeout", "max_backoff", "update_period"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ClientConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.max_retries < 0 or self.min_backoff < 0 or self.ban_timeout < 0:
+            raise ValueError("ClientConfig.max_retries, min_backoff and ban_timeout must be non-negative")
+        if self.min_backoff > self.max_backoff:
+            raise ValueError(f"min_backoff={self.min_backoff} exceeds max_backoff={self.max_backoff}")
+        if self.max_tokens_in_batch < 1 or self.max_saved_states < 1:
+            raise ValueError("ClientConfig.max_tokens_in_batch and max_saved_states must be at least 1")
+        if self.compression not in ("none", "float16", "bfloat16", "uniform8bit"):
+            raise ValueError(
+                f"unknown compression {self.compression!r}; use none, float16, bfloat16 or uniform8bit"
+            )
+        if self.allowed_servers is not None:
+            object.__setattr__(self, "allowed_servers", tuple(self.allowed_servers))
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before retry number ``attempt`` (1-based): ``min_backoff * 2**(attempt-1)``, capped."""
+        return min(self.min_backoff * 2.0 ** max(attempt - 1, 0), self.max_backoff)

@@ -1,0 +1,129 @@
+"""``LocalSwarm``: an in-process swarm of emulated servers, with injectable faults, for tests and benchmarks.
+
+Its servers compute the real blocks (``BlockBackend``, the same code a ``jaxseq-server`` runs) and
+its manager is a ``SequenceManager`` like the network one: only the transport differs, a direct
+call instead of an RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional, Sequence
+
+import numpy as np
+
+from jaxseq.backend import BlockBackend
+from jaxseq.config import ClientConfig, LlamaConfig
+from jaxseq.errors import ServerFailure
+from jaxseq.llama import BlockParams
+from jaxseq.manager import SequenceManager
+from jaxseq.routing import ServerRecord, Span
+
+STAGES = ("forward", "backward")
+
+
+class EmulatedServer:
+    """A server holding blocks ``start..end-1``. ``calls`` counts calls by stage, failed ones included."""
+
+    def __init__(self, name: str, backend: BlockBackend, throughput: float):
+        self.name = name
+        self.backend = backend
+        self.throughput = throughput
+        self.calls = {stage: 0 for stage in STAGES}
+        self.alive = True
+        self._failures = {stage: 0 for stage in STAGES}
+
+    @property
+    def start(self) -> int:
+        return self.backend.first
+
+    @property
+    def end(self) -> int:
+        return self.backend.end
+
+    def fail_next(self, n: int = 1, stage: str = "forward") -> None:
+        """Make the next ``n`` calls of ``stage`` ("forward" or "backward") answer with an error."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self._failures[stage] += n
+
+    def kill(self) -> None:
+        """Go away for good: calls can't reach it, and it leaves the swarm's records."""
+        self.alive = False
+
+    def record(self) -> ServerRecord:
+        return ServerRecord(self.name, self.start, self.end, throughput=self.throughput)
+
+    async def handle(self, stage: str, compute, *args):
+        self.calls[stage] += 1
+        if not self.alive:
+            raise ServerFailure(self.name, "connection refused (server is down)", reachable=False)
+        if self._failures[stage] > 0:
+            self._failures[stage] -= 1
+            raise ServerFailure(self.name, f"injected {stage} failure", reachable=True)
+        return await asyncio.to_thread(compute, *args)
+
+    def __repr__(self) -> str:
+        return f"EmulatedServer({self.name!r}, blocks {self.start}:{self.end}, alive={self.alive})"
+
+
+class LocalSwarm:
+    """An emulated swarm: ``servers[i]`` holds ``spans[i]``; all compute with jit in this process.
+
+    Example:
+        >>> swarm = LocalSwarm(cfg, params, spans=[(0, 2), (1, 4)])      # doctest: +SKIP
+        >>> manager = swarm.sequence_manager(ClientConfig(max_retries=3))  # doctest: +SKIP
+        >>> swarm.servers[0].fail_next(1, stage="backward")               # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        params: Sequence[BlockParams],
+        spans: Sequence[tuple[int, int]],
+        throughputs: Optional[Sequence[float]] = None,
+    ):
+        n = len(params)
+        for start, end in spans:
+            if not 0 <= start < end <= n:
+                raise ValueError(f"span {start}:{end} is outside the {n} blocks given")
+        throughputs = throughputs or [1.0] * len(spans)
+        self.cfg = cfg
+        self.num_blocks = n
+        self.servers = [
+            EmulatedServer(f"local-{i}", BlockBackend(cfg, params[start:end], first=start), throughput)
+            for i, ((start, end), throughput) in enumerate(zip(spans, throughputs))
+        ]
+
+    def sequence_manager(self, config: ClientConfig = ClientConfig(), seed: Optional[int] = 0) -> "LocalSequenceManager":
+        """A manager that routes over this swarm with the same client logic as the network one."""
+        return LocalSequenceManager(self, config, seed=seed)
+
+
+class LocalSequenceManager(SequenceManager):
+    """``SequenceManager`` whose transport is a direct call into a ``LocalSwarm``'s servers."""
+
+    def __init__(self, swarm: LocalSwarm, config: ClientConfig, seed: Optional[int] = 0):
+        super().__init__(config, seed=seed, name="jaxseq-local-swarm")
+        self.swarm = swarm
+        self._servers = {s.name: s for s in swarm.servers}
+        self.run(self.refresh())
+
+    @property
+    def num_blocks(self) -> int:
+        return self.swarm.num_blocks
+
+    @property
+    def hidden_size(self) -> int:
+        return self.swarm.cfg.hidden_size
+
+    async def _fetch_records(self) -> list[ServerRecord]:
+        return [s.record() for s in self.swarm.servers if s.alive]
+
+    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float) -> np.ndarray:
+        server = self._servers[span.peer]
+        return await server.handle("forward", server.backend.forward, x, prompts, span.start, span.end)
+
+    async def _call_backward(self, span, x, grad_out, prompts, timeout):
+        server = self._servers[span.peer]
+        return await server.handle("backward", server.backend.backward, x, prompts, grad_out, span.start, span.end)

@@ -1,0 +1,217 @@
+"""The sequence manager: a client's view of the swarm (routing, bans, saved forward state) over one
+transport. ``LocalSwarm`` and ``jaxseq.remote.RemoteSequenceManager`` differ only in the transport:
+``_fetch_records``, ``_call_forward`` and ``_call_backward``."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import itertools
+import random
+import threading
+import time
+from typing import Any, Coroutine, Optional, Sequence
+
+import numpy as np
+
+from jaxseq.config import ClientConfig
+from jaxseq.errors import FaultyResponse, ServerFailure
+from jaxseq.routing import ServerRecord, Span, route
+
+
+class _BackgroundLoop:
+    """An asyncio loop in a daemon thread; host callbacks block on it from JAX's threads."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine, timeout: Optional[float] = None) -> Any:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking call was made from the manager's own event loop; await it instead")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class SavedStates:
+    """Forward state kept for backward, bounded (LRU by count). A state is used once: backward pops it."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._states: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def put(self, state: Any) -> int:
+        with self._lock:
+            handle = next(self._ids) % 2**31  # travels through JAX as an int32 residual
+            self._states[handle] = state
+            while len(self._states) > self.capacity:
+                self._states.popitem(last=False)
+            return handle
+
+    def pop(self, handle: int) -> Optional[Any]:
+        with self._lock:
+            return self._states.pop(handle, None)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+class SequenceManager(abc.ABC):
+    """Routing, bans and calls to the servers that hold blocks ``0..num_blocks-1``.
+
+    Subclasses provide the transport. All ``async`` methods run on the manager's own event loop;
+    ``run`` blocks on it from other threads (JAX host callbacks, torch autograd).
+    """
+
+    def __init__(self, config: ClientConfig, *, seed: Optional[int] = None, name: str = "jaxseq-client"):
+        self.config = config
+        self.saved = SavedStates(config.max_saved_states)
+        self.last_error: Optional[BaseException] = None
+        self.retries = 0
+        self._records: list[ServerRecord] = []
+        self._banned: dict[str, float] = {}
+        self._latency: dict[str, float] = {}
+        self._rng = random.Random(seed)
+        self._refresh_task: Optional[asyncio.Task] = None
+        self._last_refresh = -float("inf")
+        self._background = _BackgroundLoop(name)
+
+    # --- the transport -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def num_blocks(self) -> int:
+        """Number of blocks in the chain this manager serves."""
+
+    @property
+    def hidden_size(self) -> Optional[int]:
+        """Hidden size the servers expect, when known before a call."""
+        return None
+
+    @abc.abstractmethod
+    async def _fetch_records(self) -> list[ServerRecord]:
+        """A fresh view of the swarm."""
+
+    @abc.abstractmethod
+    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float) -> np.ndarray:
+        """One forward RPC; raises ``ServerFailure`` on any failure of the server or the wire."""
+
+    @abc.abstractmethod
+    async def _call_backward(
+        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, timeout: float
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """One backward RPC; returns grad inputs and (if ``prompt_len > 0``) grad prompts."""
+
+    # --- running -------------------------------------------------------------------------------
+    def run(self, coro: Coroutine) -> Any:
+        """Run a coroutine on the manager's loop and wait for it (from any other thread)."""
+        return self._background.run(coro)
+
+    def close(self) -> None:
+        """Stop the manager's event loop. Idempotent."""
+        self._background.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- routing -------------------------------------------------------------------------------
+    async def refresh(self, min_interval: float = 0.0) -> None:
+        """Fetch a fresh view of the swarm, sharing one fetch among concurrent callers."""
+        if time.monotonic() - self._last_refresh < min_interval:
+            return
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = asyncio.ensure_future(self._refresh_now())
+        await asyncio.shield(self._refresh_task)
+
+    async def _refresh_now(self) -> None:
+        records = await self._fetch_records()
+        if self.config.allowed_servers is not None:
+            allowed = set(self.config.allowed_servers)
+            records = [r for r in records if r.peer in allowed]
+        self._records = records
+        self._last_refresh = time.monotonic()
+
+    def make_route(self, start: int, end: int) -> list[Span]:
+        """Spans covering blocks ``start..end-1`` from the current view (raises ``MissingBlocksError``)."""
+        now = time.monotonic()
+        self._banned = {p: t for p, t in self._banned.items() if now - t < self.config.ban_timeout}
+        return route(self._records, start, end, banned=self._banned, latency=self._latency, rng=self._rng)
+
+    def ban(self, peer: str) -> None:
+        """Avoid ``peer`` for ``config.ban_timeout`` seconds."""
+        self._banned[peer] = time.monotonic()
+
+    @property
+    def records(self) -> list[ServerRecord]:
+        """The servers in the current view of the swarm."""
+        return list(self._records)
+
+    async def wait_before_retry(self, attempt: int, deadline: float) -> None:
+        """Back off, refreshing the swarm view meanwhile; never past ``deadline`` (monotonic)."""
+        self.retries += 1
+        delay = min(self.config.backoff(attempt), max(deadline - time.monotonic(), 0.0))
+        refresh = asyncio.ensure_future(self.refresh(min_interval=0.5))
+        await asyncio.sleep(delay)
+        try:
+            await asyncio.wait_for(asyncio.shield(refresh), timeout=max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            pass
+        except Exception:  # a failed refresh keeps the old view; the next retry tries again
+            pass
+
+    # --- calls with validation -----------------------------------------------------------------
+    async def forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float) -> np.ndarray:
+        """Forward through one span; raises ``ServerFailure`` (``FaultyResponse`` for bad answers)."""
+        out = await self._guarded(self._call_forward(span, x, prompts, timeout), span, timeout)
+        _check_tensor(span, "output", out, x.shape, x.dtype)
+        return out
+
+    async def backward(
+        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, timeout: float
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Backward through one span; validates both gradients like ``forward`` validates outputs."""
+        grad_x, grad_prompts = await self._guarded(
+            self._call_backward(span, x, grad_out, prompts, timeout), span, timeout
+        )
+        _check_tensor(span, "grad_inputs", grad_x, x.shape, x.dtype)
+        if prompts.shape[2] > 0:
+            _check_tensor(span, "grad_prompts", grad_prompts, prompts.shape, prompts.dtype)
+        return grad_x, grad_prompts
+
+    async def _guarded(self, call: Coroutine, span: Span, timeout: float):
+        start = time.monotonic()
+        try:
+            result = await asyncio.wait_for(call, timeout=timeout)
+        except asyncio.TimeoutError:
+            raise ServerFailure(span.peer, f"no answer within {timeout:.1f} s", reachable=False) from None
+        self._latency[span.peer] = time.monotonic() - start
+        return result
+
+    def outcome(self, error: BaseException) -> None:
+        """Remember the last error, so users can get the typed exception that ``jit`` turns into text."""
+        self.last_error = error
+
+
+def _check_tensor(span: Span, what: str, value, shape: Sequence[int], dtype) -> None:
+    if not isinstance(value, np.ndarray):
+        raise FaultyResponse(span.peer, f"{what} is {type(value).__name__}, not an array")
+    if value.shape != tuple(shape):
+        raise FaultyResponse(span.peer, f"{what} has shape {value.shape}, expected {tuple(shape)}")
+    if value.dtype != dtype:
+        raise FaultyResponse(span.peer, f"{what} has dtype {value.dtype}, expected {dtype}")
+    if not np.isfinite(value).all():
+        raise FaultyResponse(span.peer, f"{what} has non-finite values")
+
+

@@ -1,0 +1,177 @@
+"""The fault-tolerant chain: forward span by span, backward in reverse, re-routing around failures.
+
+Knows spans and retries, not bytes: every call goes through a ``SequenceManager``. Arrays are host
+numpy arrays. Deep prompts always cover the whole chain (``[num_blocks, batch, prompt_len, hidden]``,
+indexed by absolute block number); ``prompt_len`` may be 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Optional
+
+import numpy as np
+
+from jaxseq.errors import MissingBlocksError, RemoteCallError, ServerFailure
+from jaxseq.manager import SequenceManager
+from jaxseq.routing import Span
+
+
+@dataclasses.dataclass
+class _Retries:
+    """Failures at one position of the chain, bounded by ``max_retries`` and the call's deadline."""
+
+    manager: SequenceManager
+    deadline: float
+    what: str
+    attempts: int = 0
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def timeout(self) -> float:
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise RemoteCallError(f"{self.what}: deadline of {self.manager.config.deadline:.1f} s passed")
+        return min(self.manager.config.request_timeout, remaining)
+
+    async def failed(self, error: Exception, block: int) -> None:
+        """Record a failure; raise the typed error when retries or time are used up, else back off."""
+        self.attempts += 1
+        if isinstance(error, ServerFailure):
+            self.manager.ban(error.peer)
+        out_of_retries = self.attempts > self.manager.config.max_retries
+        if out_of_retries or self.remaining() <= 0:
+            why = (
+                f"{self.attempts} failed attempts (max_retries={self.manager.config.max_retries})"
+                if out_of_retries
+                else f"deadline of {self.manager.config.deadline:.1f} s passed after {self.attempts} failed attempts"
+            )
+            if isinstance(error, MissingBlocksError):
+                raise MissingBlocksError(error.block, why) from error
+            if isinstance(error, ServerFailure) and not error.reachable:
+                raise MissingBlocksError(block, f"{why}; last: {error}") from error
+            raise RemoteCallError(f"{self.what}: {why}; last error: {error}") from error
+        await self.manager.wait_before_retry(self.attempts, self.deadline)
+
+    def succeeded(self) -> None:
+        self.attempts = 0
+
+
+async def chain_forward(
+    manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, start: int, end: int, deadline: float
+) -> tuple[np.ndarray, list[tuple[Span, np.ndarray]]]:
+    """Run blocks ``start..end-1``; returns the output and each span done with its input.
+
+    When a call fails, the rest of the chain is re-routed from the block where it failed; what is
+    done is kept.
+    """
+    done: list[tuple[Span, np.ndarray]] = []
+    plan: list[Span] = []
+    pos = start
+    retries = _Retries(manager, deadline, f"forward from block {start}")
+    while pos < end:
+        try:
+            if not plan:
+                plan = manager.make_route(pos, end)
+            span = plan[0]
+            retries.what = f"forward of blocks {span.start}:{span.end}"
+            out = await manager.forward(span, x, prompts[span.start : span.end], retries.timeout())
+        except (ServerFailure, MissingBlocksError) as error:
+            plan = []
+            await retries.failed(error, pos)
+            continue
+        done.append((span, x))
+        x, pos = out, span.end
+        plan.pop(0)
+        retries.succeeded()
+    return x, done
+
+
+async def chain_backward(
+    manager: SequenceManager,
+    grad_out: np.ndarray,
+    done: list[tuple[Span, np.ndarray]],
+    prompts: np.ndarray,
+    deadline: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Backward through ``done`` (from ``chain_forward``) in reverse; returns grad inputs and grad prompts.
+
+    When a span's backward fails, its forward is re-run through other servers (maybe as several
+    spans) from the span's saved input, and backward goes on through those.
+    """
+    grad_prompts = np.zeros_like(prompts)
+    todo = list(done)
+    retries = _Retries(manager, deadline, "backward")
+    while todo:
+        span, x = todo.pop()
+        retries.what = f"backward of blocks {span.start}:{span.end}"
+        try:
+            grad_x, span_grad_prompts = await manager.backward(
+                span, x, grad_out, prompts[span.start : span.end], retries.timeout()
+            )
+        except ServerFailure as error:
+            await retries.failed(error, span.start)
+            _, redone = await chain_forward(manager, x, prompts, span.start, span.end, deadline)
+            todo.extend(redone)
+            continue
+        grad_out = grad_x
+        if span_grad_prompts is not None:
+            grad_prompts[span.start : span.end] = span_grad_prompts
+        retries.succeeded()
+    return grad_out, grad_prompts
+
+
+def micro_batches(batch: int, seq: int, max_tokens: int) -> list[slice]:
+    """Row slices of at most ``max(max_tokens // seq, 1)`` rows each."""
+    rows = max(max_tokens // seq, 1)
+    return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
+
+
+async def sequential_forward(
+    manager: SequenceManager, x: np.ndarray, prompts: np.ndarray
+) -> tuple[np.ndarray, list[list[tuple[Span, np.ndarray]]]]:
+    """Forward through the whole chain, micro-batches concurrently; returns outputs and per-batch spans."""
+    deadline = time.monotonic() + manager.config.deadline
+    parts = micro_batches(x.shape[0], x.shape[1], manager.config.max_tokens_in_batch)
+    results = await _gather(
+        [chain_forward(manager, x[s], prompts[:, s], 0, manager.num_blocks, deadline) for s in parts]
+    )
+    return np.concatenate([out for out, _ in results]), [done for _, done in results]
+
+
+async def sequential_backward(
+    manager: SequenceManager,
+    x: np.ndarray,
+    prompts: np.ndarray,
+    grad_out: np.ndarray,
+    done: Optional[list[list[tuple[Span, np.ndarray]]]] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients w.r.t. ``x`` and ``prompts``; ``done`` is forward's saved state, or None to recompute it."""
+    deadline = time.monotonic() + manager.config.deadline
+    parts = micro_batches(x.shape[0], x.shape[1], manager.config.max_tokens_in_batch)
+
+    async def one(i: int, s: slice):
+        spans = done[i] if done is not None else None
+        if spans is None:
+            _, spans = await chain_forward(manager, x[s], prompts[:, s], 0, manager.num_blocks, deadline)
+        return await chain_backward(manager, grad_out[s], spans, prompts[:, s], deadline)
+
+    results = await _gather([one(i, s) for i, s in enumerate(parts)])
+    return np.concatenate([g for g, _ in results]), np.concatenate([gp for _, gp in results], axis=1)
+
+
+async def _gather(coros: list):
+    """Run concurrently; on the first error cancel the rest (so no orphan retries linger) and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
