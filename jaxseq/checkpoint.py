@@ -74,7 +74,8 @@ def _load_config(folder: Path) -> tuple[LlamaConfig, dict[str, Any]]:
     raw = json.loads(config_path.read_text())
     if raw.get("model_type") != "llama":
         raise ValueError(
-            f"{config_path}: model_type is {raw.get('model_type')!r}, but jaxseq loads only 'llama' checkpoints"
+            f"{config_path}: model_type is {raw.get('model_type')!r}, but jaxseq loads only 'llama' "
+            "checkpoints"
         )
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key, False):
@@ -176,7 +177,8 @@ def _read_tensors(
                     if key in optional:
                         continue
                     raise ValueError(
-                        f"tensor {key!r} is missing from {file_path}; the checkpoint is incomplete: re-download it"
+                        f"tensor {key!r} is missing from {file_path}; the checkpoint is incomplete: "
+                        "re-download it"
                     )
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != shapes[key]:
@@ -328,7 +330,9 @@ def _check_shapes(what: str, arrays: dict[str, Any], shapes: dict[str, tuple[int
         if name not in arrays:
             raise ValueError(f"{what} has no {name!r}; it needs {sorted(shapes)}")
         if tuple(arrays[name].shape) != shape:
-            raise ValueError(f"{what}[{name!r}] has shape {tuple(arrays[name].shape)}, but the config needs {shape}")
+            raise ValueError(
+                f"{what}[{name!r}] has shape {tuple(arrays[name].shape)}, but the config needs {shape}"
+            )
 
 
 def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny Llama and in-process swarms built from it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxseq
+
+TINY = jaxseq.LlamaConfig(
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+    rms_norm_eps=1e-5, rope_theta=10000.0,
+)
+
+
+def rel_err(a, b) -> float:
+    """Relative error ||a - b|| / ||b|| in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> jaxseq.LlamaConfig:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg):
+    # A larger init than Llama's 0.02 so that a wrong block would show in the comparisons.
+    return jaxseq.init_block_params(tiny_cfg, jax.random.key(0), std=0.2)
+
+
+@pytest.fixture
+def make_swarm(tiny_cfg, tiny_params):
+    """Build a ``LocalSwarm`` and its manager; every manager is closed after the test."""
+    managers = []
+
+    def make(spans, config=None, **kwargs):
+        config = config or jaxseq.ClientConfig(min_backoff=0.01, max_backoff=0.05, deadline=30.0)
+        swarm = jaxseq.LocalSwarm(tiny_cfg, tiny_params, spans, **kwargs)
+        manager = swarm.sequence_manager(config)
+        managers.append(manager)
+        return swarm, manager
+
+    yield make
+    for m in managers:
+        m.close()
+
+
+def random_inputs(cfg, batch, seq, prompt_len, seed=1, num_blocks=None):
+    kx, kp = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (batch, seq, cfg.hidden_size), jnp.float32)
+    n = num_blocks or cfg.num_hidden_layers
+    prompts = 0.5 * jax.random.normal(kp, (n, batch, prompt_len, cfg.hidden_size), jnp.float32)
+    return x, prompts
