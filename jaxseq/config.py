@@ -57,7 +57,8 @@ class ClientConfig:
         update_period: seconds between background refreshes of the swarm view.
         max_saved_states: forward states kept for backward (LRU); a backward whose state
             was dropped recomputes the forward instead of failing.
-        compression: wire compression for tensors sent to servers: "none", "float16", "bfloat16", "uniform8bit".
+        compression: wire compression of tensors, both ways: one of ``jaxseq.remote.protocol.COMPRESSIONS``
+            ("none", "float16", "meanstd16", "uniform8bit", "quantile8bit").
         allowed_servers: if given, only these server peer ids (base58) are ever routed to.
 
     Example:
@@ -87,9 +88,9 @@ class ClientConfig:
             raise ValueError(f"min_backoff={self.min_backoff} exceeds max_backoff={self.max_backoff}")
         if self.max_tokens_in_batch < 1 or self.max_saved_states < 1:
             raise ValueError("ClientConfig.max_tokens_in_batch and max_saved_states must be at least 1")
-        if self.compression not in ("none", "float16", "bfloat16", "uniform8bit"):
+        if self.compression not in ("none", "float16", "meanstd16", "uniform8bit", "quantile8bit"):
             raise ValueError(
-                f"unknown compression {self.compression!r}; use none, float16, bfloat16 or uniform8bit"
+                f"unknown compression {self.compression!r}; use none, float16, meanstd16, uniform8bit or quantile8bit"
             )
         if self.allowed_servers is not None:
             object.__setattr__(self, "allowed_servers", tuple(self.allowed_servers))

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxseq.errors import MissingBlocksError, RemoteCallError, ServerFailure
+from jaxseq.errors import MissingBlocksError, RemoteCallError, ServerFailure, SwarmError
 from jaxseq.manager import SequenceManager
 from jaxseq.routing import Span
 
@@ -27,37 +27,38 @@ class _Retries:
     deadline: float
     what: str
     attempts: int = 0
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
+    last_error: Optional[Exception] = None
+    last_block: int = 0
 
     def timeout(self) -> float:
-        remaining = self.remaining()
+        """Time left for the next call; gives up (with the last failure's typed error) when none is left."""
+        remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise RemoteCallError(f"{self.what}: deadline of {self.manager.config.deadline:.1f} s passed")
+            raise self._give_up(f"deadline of {self.manager.config.deadline:.1f} s passed after {self.attempts} failed attempts")
         return min(self.manager.config.request_timeout, remaining)
 
     async def failed(self, error: Exception, block: int) -> None:
         """Record a failure; raise the typed error when retries or time are used up, else back off."""
         self.attempts += 1
+        self.last_error, self.last_block = error, block
         if isinstance(error, ServerFailure):
             self.manager.ban(error.peer)
-        out_of_retries = self.attempts > self.manager.config.max_retries
-        if out_of_retries or self.remaining() <= 0:
-            why = (
-                f"{self.attempts} failed attempts (max_retries={self.manager.config.max_retries})"
-                if out_of_retries
-                else f"deadline of {self.manager.config.deadline:.1f} s passed after {self.attempts} failed attempts"
-            )
-            if isinstance(error, MissingBlocksError):
-                raise MissingBlocksError(error.block, why) from error
-            if isinstance(error, ServerFailure) and not error.reachable:
-                raise MissingBlocksError(block, f"{why}; last: {error}") from error
-            raise RemoteCallError(f"{self.what}: {why}; last error: {error}") from error
+        if self.attempts > self.manager.config.max_retries:
+            raise self._give_up(f"{self.attempts} failed attempts (max_retries={self.manager.config.max_retries})")
+        self.timeout()
         await self.manager.wait_before_retry(self.attempts, self.deadline)
+
+    def _give_up(self, why: str) -> SwarmError:
+        error = self.last_error
+        if isinstance(error, MissingBlocksError):
+            return MissingBlocksError(error.block, why)
+        if isinstance(error, ServerFailure) and not error.reachable:
+            return MissingBlocksError(self.last_block, f"{why}; last: {error}")
+        return RemoteCallError(f"{self.what}: {why}" + (f"; last error: {error}" if error else ""))
 
     def succeeded(self) -> None:
         self.attempts = 0
+        self.last_error = None
 
 
 async def chain_forward(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxseq
+from swarm import ServerProcess
 
 TINY = jaxseq.LlamaConfig(
     hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
@@ -55,3 +58,44 @@ def random_inputs(cfg, batch, seq, prompt_len, seed=1, num_blocks=None):
     n = num_blocks or cfg.num_hidden_layers
     prompts = 0.5 * jax.random.normal(kp, (n, batch, prompt_len, cfg.hidden_size), jnp.float32)
     return x, prompts
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tiny_cfg):
+    """A real sharded safetensors checkpoint of a tiny random Llama, and its blocks."""
+    from jaxseq.checkpoint import load_checkpoint, random_checkpoint
+
+    path = random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", tiny_cfg, seed=3, max_shard_bytes=40_000)
+    cfg, params = load_checkpoint(path)
+    return path, cfg, params
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+def start_servers(checkpoint):
+    """``start_servers([(0, 2), (2, 4)], prefix=...)`` starts real servers (the first starts the swarm).
+
+    Every process started is killed by PID at teardown, whatever the test did.
+    """
+    started: list[ServerProcess] = []
+
+    def start(spans, dht_prefix=None, initial_peers=None, extra_args=()):
+        dht_prefix = dht_prefix or f"tiny{next(_prefixes)}"
+
+        def launch(span, peers):
+            server = ServerProcess(str(checkpoint[0]), span, dht_prefix, peers, extra_args)
+            started.append(server)
+            return server
+
+        servers = []
+        if not initial_peers:  # the first server starts the swarm; the others join it, starting in parallel
+            servers.append(launch(spans[0], None).wait_ready())
+            initial_peers, spans = [servers[0].maddr], spans[1:]
+        servers += [server.wait_ready() for server in [launch(span, initial_peers) for span in spans]]
+        return servers, dht_prefix
+
+    yield start
+    for server in started:
+        server.kill()

@@ -27,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 VENV_SCRIPT = HERE / "petals_venv.sh"
@@ -52,7 +52,7 @@ class PetalsError(RuntimeError):
     """A Petals subprocess (venv build, checkpoint writer, server, client) failed."""
 
 
-def _clean_env(extra: Optional[dict] = None) -> dict:
+def _clean_env(extra: dict | None = None) -> dict:
     """Environment for the Petals venv's python: none of jaxseq's venv leaks into it."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -68,8 +68,8 @@ def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-@functools.lru_cache(maxsize=None)
-def find_petals_python(timeout: float = 1800.0) -> tuple[Optional[str], str]:
+@functools.cache
+def find_petals_python(timeout: float = 1800.0) -> tuple[str | None, str]:
     """Build or reuse the Petals venv. Returns ``(python, "")`` or ``(None, reason)`` when unavailable.
 
     ``JAXSEQ_PETALS_PYTHON`` short-circuits the build with an existing interpreter.
@@ -153,7 +153,7 @@ def write_tiny_checkpoint_with_petals_venv(
     hidden: int = 64,
     layers: int = 4,
     heads: int = 4,
-    kv_heads: Optional[int] = None,
+    kv_heads: int | None = None,
     intermediate: int = 128,
     vocab: int = 100,
     seed: int = 0,
@@ -251,21 +251,27 @@ def petals_server(
     *,
     block_indices: str = "0:4",
     dht_prefix: str = "jaxseq-petals-test",
-    initial_peers: Optional[Sequence[str]] = None,
+    initial_peers: Sequence[str] | None = None,
     timeout: float = 120.0,
     extra_args: Sequence[str] = (),
     graceful_timeout: float = 10.0,
-    log_dir: Optional[os.PathLike | str] = None,
+    log_dir: os.PathLike | str | None = None,
 ) -> Iterator[PetalsServer]:
     """Run a real Petals 2.2 server on 127.0.0.1 serving ``block_indices`` of ``checkpoint``.
 
     Starts a new swarm unless ``initial_peers`` is given. Yields once the server logged its
     multiaddr and ``Started`` (all handlers registered, runtime running). Always stops the
     server's whole process group on exit, also when the body raised.
+
+    The server's log goes to a temp file (in ``log_dir`` if given): errors include its tail, an
+    exception from the body gets it as a note, and it is kept unless the run was clean and
+    ``log_dir`` was not given.
+
+    Note: the DHT record may still say JOINING for a moment after ``Started``; Petals clients
+    retry that by themselves, a client with no retries may want to poll for state ONLINE (2).
     """
-    log_file = tempfile.NamedTemporaryFile(
-        "w+b", prefix="petals-server-", suffix=".log", dir=log_dir, delete=False
-    )
+    keep_log = True
+    log_file = tempfile.NamedTemporaryFile("w+b", prefix="petals-server-", suffix=".log", dir=log_dir, delete=False)
     log_path = Path(log_file.name)
     cmd = [
         python, "-m", "petals.cli.run_server", str(checkpoint),
@@ -291,7 +297,8 @@ def petals_server(
     log_file.close()  # the child holds its own descriptor
 
     def fail(message: str) -> PetalsError:
-        return PetalsError(f"{message}\ncommand: {' '.join(cmd)}\n--- {log_path} (tail) ---\n{_tail(log_path.read_text(errors='replace'))}")
+        log_tail = _tail(log_path.read_text(errors="replace"))
+        return PetalsError(f"{message}\ncommand: {' '.join(cmd)}\n--- {log_path} (tail) ---\n{log_tail}")
 
     try:
         match = None
@@ -314,9 +321,21 @@ def petals_server(
             log_path=log_path,
             startup_s=time.monotonic() - started,
         )
-        yield server
+        try:
+            yield server
+        except BaseException as exc:  # the test body failed: point at the server's side of the story
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"--- Petals server log {log_path} (tail) ---\n{server.log_tail(40)}")
+            raise
+    except BaseException:
+        keep_log = True
+        raise
+    else:
+        keep_log = log_dir is not None
     finally:
         _stop_process_group(process, graceful_timeout=graceful_timeout, kill_timeout=5.0)
+        if not keep_log:  # a clean run in the default temp dir leaves nothing behind
+            log_path.unlink(missing_ok=True)
 
 
 _CLIENT_FWD_BWD = r"""

@@ -16,10 +16,11 @@ reported on stderr with the reason, and ``import petals`` will then fail loudly.
 """
 
 import importlib
-import importlib.abc
-import pkgutil
 import sys
 import types
+
+# Kept cheap on purpose: this file runs at every interpreter start of the venv. Nothing here
+# imports importlib.abc or importlib.util (they pull in typing: ~15 ms per start).
 
 # Modules whose public names hivemind <= 1.1.10 re-exported via star imports and
 # which Petals 2.2 imports from the top-level ``hivemind`` package.
@@ -47,7 +48,9 @@ def reexport_hivemind_names(hivemind):
 
     Returns the list of names that were added.
     """
-    import hivemind.utils as hm_utils  # noqa: PLC0415 - only once hivemind itself is imported
+    import pkgutil  # noqa: PLC0415 - only needed once hivemind is imported
+
+    import hivemind.utils as hm_utils  # noqa: PLC0415
 
     module_names = list(_SOURCE_MODULES)
     module_names += [
@@ -63,8 +66,8 @@ def reexport_hivemind_names(hivemind):
     return added
 
 
-class _HivemindReexportFinder(importlib.abc.MetaPathFinder):
-    """One-shot finder: lets the normal finders locate ``hivemind``, then hooks its loader."""
+class _HivemindReexportFinder:
+    """One-shot meta path finder: lets the other finders locate ``hivemind``, then hooks its loader."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "hivemind":
@@ -75,7 +78,13 @@ class _HivemindReexportFinder(importlib.abc.MetaPathFinder):
             sys.meta_path.remove(self)
         except ValueError:
             pass
-        spec = importlib.util.find_spec("hivemind")
+        spec = None
+        for finder in list(sys.meta_path):  # what the import system would do without us
+            find_spec = getattr(finder, "find_spec", None)
+            if find_spec is not None:
+                spec = find_spec(fullname, path, target)
+                if spec is not None:
+                    break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         original_exec_module = spec.loader.exec_module
@@ -101,8 +110,6 @@ def _install():
 
 
 try:
-    import importlib.util  # noqa: F401 - used by the finder
-
     _install()
 except Exception as _exc:  # noqa: BLE001 - never break interpreter start-up
     _warn(f"could not install the hivemind re-export hook: {type(_exc).__name__}: {_exc}")

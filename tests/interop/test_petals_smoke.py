@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
-
 from petals_helpers import (
     find_petals_python,
     petals_client_fwd_bwd,
@@ -30,9 +30,11 @@ def petals_py() -> str:
     return python
 
 
-def _p2pd_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
-    return {int(pid) for pid in out.split()}
+def _petals_p2pd_pids(petals_py: str) -> set[int]:
+    """p2pd daemons run from the Petals venv (jaxseq's own p2pd, from its venv, may run alongside)."""
+    venv = str(Path(petals_py).parent.parent)
+    out = subprocess.run(["pgrep", "-a", "-x", "p2pd"], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines() if line.split()[1].startswith(venv)}
 
 
 def test_petals_server_and_client_match_local_hf(petals_py, tmp_path):
@@ -40,7 +42,7 @@ def test_petals_server_and_client_match_local_hf(petals_py, tmp_path):
         petals_py, tmp_path / "ckpt", hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=100,
         init_std=0.2,  # big enough that every block changes its input a lot
     )  # fmt: skip
-    p2pd_before = _p2pd_pids()
+    p2pd_before = _petals_p2pd_pids(petals_py)
     with petals_server(petals_py, ckpt, block_indices="0:4", dht_prefix="smoke", log_dir=tmp_path) as server:
         assert server.maddr == f"/ip4/127.0.0.1/tcp/{server.port}/p2p/{server.peer_id}"
         assert server.process.poll() is None
@@ -57,4 +59,4 @@ def test_petals_server_and_client_match_local_hf(petals_py, tmp_path):
     # Teardown stopped the whole process group, p2pd daemons included.
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)
-    assert not (_p2pd_pids() - p2pd_before), "p2pd left behind by the Petals server"
+    assert not (_petals_p2pd_pids(petals_py) - p2pd_before), "p2pd left behind by the Petals server"

@@ -1,0 +1,159 @@
+"""``RemoteSequenceManager``: the network transport of the sequence manager, over a hivemind DHT.
+
+It finds servers through their Petals DHT records, keeps that view fresh in the background (and
+right after failures), and calls servers with Petals 2.2 RPCs, streaming large tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
+
+from jaxseq.config import ClientConfig
+from jaxseq.errors import FaultyResponse, ServerFailure
+from jaxseq.manager import SequenceManager
+from jaxseq.remote import dht_records, protocol
+from jaxseq.routing import ServerRecord, Span
+
+_UNREACHABLE = (P2PDaemonError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)
+
+
+class RemoteSequenceManager(SequenceManager):
+    """Routes ``remote_sequential`` through the servers of the model ``dht_prefix`` in a hivemind swarm.
+
+    Example:
+        >>> with RemoteSequenceManager(["/ip4/127.0.0.1/tcp/31337/p2p/Qm..."], "my-llama") as manager:  # doctest: +SKIP
+        ...     y = jax.jit(lambda x: remote_sequential(x, None, manager))(x)
+    """
+
+    def __init__(
+        self,
+        initial_peers: Sequence[str],
+        dht_prefix: str,
+        config: ClientConfig = ClientConfig(),
+        *,
+        num_blocks: Optional[int] = None,
+        host_maddrs: Iterable[str] = ("/ip4/127.0.0.1/tcp/0",),
+        seed: Optional[int] = None,
+    ):
+        super().__init__(config, seed=seed, name=f"jaxseq-client-{dht_prefix}")
+        self.dht_prefix = dht_prefix
+        self._hidden_size: Optional[int] = None
+        self._p2p = None
+        self.dht = None
+        try:
+            self.dht = dht_records.start_dht(
+                initial_peers=list(initial_peers), client_mode=True, host_maddrs=list(host_maddrs)
+            )
+            self._p2p = self.run(self.dht.replicate_p2p())
+            self._num_blocks = num_blocks or self.run(self._announced_num_blocks())
+            self.run(self.refresh())
+            self._updater = asyncio.run_coroutine_threadsafe(self._keep_fresh(), self._background.loop)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _announced_num_blocks(self) -> int:
+        found = await asyncio.wait_for(
+            dht_records.fetch_num_blocks(self.dht, self.dht_prefix), self.config.request_timeout
+        )
+        if found is None:
+            raise ValueError(
+                f"no model {self.dht_prefix!r} is announced in the swarm reachable from the initial peers; "
+                "check dht_prefix, or pass num_blocks= for servers that don't announce _petals.models"
+            )
+        return found
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def hidden_size(self) -> Optional[int]:
+        return self._hidden_size
+
+    async def _keep_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.update_period)
+            try:
+                await self.refresh()
+            except Exception:  # the swarm may be briefly unreachable; keep the last view and retry later
+                pass
+
+    async def _fetch_records(self) -> list[ServerRecord]:
+        return await asyncio.wait_for(
+            dht_records.fetch_servers(self.dht, self.dht_prefix, self._num_blocks), self.config.request_timeout
+        )
+
+    def close(self) -> None:
+        """Shut the DHT and its p2pd down. Idempotent; also on ``with`` exit."""
+        if self._background.loop.is_closed():
+            return
+        if getattr(self, "_updater", None) is not None:
+            self._updater.cancel()
+        if self._p2p is not None:
+            self.run(self._p2p.shutdown())
+            self._p2p = None
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+        super().close()
+
+    # --- the wire ------------------------------------------------------------------------------
+    def _metadata(self) -> dict:
+        metadata = {"points": 0.0, "active_adapter": ""}
+        if self.config.compression != "none":
+            metadata["output_compression"] = (int(protocol.COMPRESSIONS[self.config.compression]),)
+        return metadata
+
+    async def _call(self, span: Span, rpc: tuple[str, str], arrays: list) -> list[np.ndarray]:
+        uids = protocol.span_uids(self.dht_prefix, span.start, span.end)
+        requests, streamed = await asyncio.to_thread(
+            protocol.make_requests, uids, arrays, self._metadata(), self.config.compression
+        )
+        peer = PeerID.from_base58(span.peer)
+        try:
+            if not streamed:
+                response = await self._p2p.call_protobuf_handler(peer, rpc[0], requests[0], runtime_pb2.ExpertResponse)
+                return await asyncio.to_thread(lambda: [protocol.deserialize(t) for t in response.tensors])
+            stream = await self._p2p.iterate_protobuf_handler(
+                peer, rpc[1], as_aiter(*requests), runtime_pb2.ExpertResponse
+            )
+            parts = [part async for response in stream for part in response.tensors]
+            return await asyncio.to_thread(protocol.combine_parts, parts)
+        except P2PHandlerError as error:
+            raise ServerFailure(span.peer, f"error reply: {error}", reachable=True) from None
+        except protocol.ProtocolError as error:
+            raise FaultyResponse(span.peer, str(error)) from None
+        except _UNREACHABLE as error:
+            raise ServerFailure(span.peer, f"unreachable: {type(error).__name__}: {error}", reachable=False) from None
+
+    def _as_requested(self, span: Span, array: np.ndarray, dtype) -> np.ndarray:
+        """Petals servers reply in their own dtype; accept exactly that one besides ours."""
+        record = next((r for r in self._records if r.peer == span.peer), None)
+        announced = record.extra.get("torch_dtype") if record is not None else None
+        if array.dtype != dtype and str(array.dtype) == announced:
+            return array.astype(dtype)
+        return array
+
+    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float) -> np.ndarray:
+        arrays = [x, prompts if prompts.shape[2] else None]
+        outputs = await self._call(span, (protocol.RPC_FORWARD, protocol.RPC_FORWARD_STREAM), arrays)
+        if len(outputs) != 1:
+            raise FaultyResponse(span.peer, f"forward returned {len(outputs)} tensors, expected 1")
+        return self._as_requested(span, outputs[0], x.dtype)
+
+    async def _call_backward(self, span, x, grad_out, prompts, timeout):
+        with_prompts = prompts.shape[2] > 0
+        arrays = [x, grad_out, prompts if with_prompts else None]
+        grads = await self._call(span, (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM), arrays)
+        if len(grads) != 1 + with_prompts:
+            raise FaultyResponse(span.peer, f"backward returned {len(grads)} tensors, expected {1 + with_prompts}")
+        grad_x = self._as_requested(span, grads[0], x.dtype)
+        return grad_x, (self._as_requested(span, grads[1], prompts.dtype) if with_prompts else None)

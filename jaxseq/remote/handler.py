@@ -1,0 +1,128 @@
+"""The server's RPC handlers: Petals 2.2's ``TransformerConnectionHandler`` interface over a ``BlockBackend``.
+
+Each request is parsed (``protocol``), validated (``validation``), then computed by the backend in a
+worker thread, one at a time (a computation already uses every core), with a bounded wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+from jaxseq.backend import BlockBackend
+from jaxseq.remote import protocol, validation
+from jaxseq.remote.protocol import ProtocolError, Request
+
+_COMPRESSION_BY_CODE = {code: name for name, code in protocol.COMPRESSIONS.items()}
+
+
+class TransformerConnectionHandler(ServicerBase):
+    """Serves blocks ``backend.first..backend.end-1`` of the model ``dht_prefix``.
+
+    The class name is part of the protocol: hivemind names handlers ``ClassName.rpc_*``.
+    """
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        dht_prefix: str,
+        *,
+        version: str,
+        max_tokens: int = 65536,
+        max_request_bytes: int = 1 << 30,
+        request_timeout: float = 300.0,
+    ):
+        self.backend = backend
+        self.dht_prefix = dht_prefix
+        self.version = version
+        self.limits = validation.Limits(backend.cfg.hidden_size, max_tokens)
+        self.max_request_bytes = max_request_bytes
+        self.request_timeout = request_timeout
+        self._compute_lock = asyncio.Lock()
+
+    # --- rpc_info ------------------------------------------------------------------------------
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        info = {"version": self.version, "dht_client_mode": False, "cache_tokens_available": 0}
+        if request.uid:
+            self._served(request.uid)
+            dtype = getattr(torch, str(self.backend.dtype))
+            schema = BatchTensorDescriptor(1, 2048, self.limits.hidden_size, dtype=dtype)
+            info.update(
+                forward_schema=((schema,), {}),
+                outputs_schema=(schema,),
+                keyword_names=(),
+                inference_schema=((schema,), {}),
+            )
+        return runtime_pb2.ExpertInfo(serialized_info=protocol.encode_metadata(info))
+
+    # --- forward -------------------------------------------------------------------------------
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        (response,) = await self._forward(protocol.read_unary(request), stream=False)
+        return response
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        request = await protocol.read_stream(requests, self.max_request_bytes)
+        for part in await self._forward(request, stream=True):
+            yield part
+
+    async def _forward(self, request: Request, stream: bool) -> list[runtime_pb2.ExpertResponse]:
+        start, end = self._served(request.uids)
+        hidden, prompts = validation.forward_inputs(request.arrays, end - start, self.limits)
+        out = await self._compute(self.backend.forward, hidden, prompts, start, end)
+        return protocol.response_parts([out], self._reply_compression(request.metadata, 1), stream)
+
+    # --- backward ------------------------------------------------------------------------------
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        (response,) = await self._backward(protocol.read_unary(request), stream=False)
+        return response
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        request = await protocol.read_stream(requests, self.max_request_bytes)
+        for part in await self._backward(request, stream=True):
+            yield part
+
+    async def _backward(self, request: Request, stream: bool) -> list[runtime_pb2.ExpertResponse]:
+        start, end = self._served(request.uids)
+        inputs, grad_outputs, prompts = validation.backward_inputs(request.arrays, end - start, self.limits)
+        grad_inputs, grad_prompts = await self._compute(
+            self.backend.backward, inputs, prompts, grad_outputs, start, end
+        )
+        grads = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
+        return protocol.response_parts(grads, self._reply_compression(request.metadata, len(grads)), stream)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _served(self, uids: str) -> tuple[int, int]:
+        start, end = protocol.parse_span_uids(uids, self.dht_prefix)
+        if start < self.backend.first or end > self.backend.end:
+            raise ProtocolError(
+                f"this server holds blocks {self.backend.first}:{self.backend.end}, not all of {start}:{end}"
+            )
+        return start, end
+
+    def _reply_compression(self, metadata: dict, n_tensors: int) -> str:
+        """Petals' ``output_compression``: one hivemind compression code per reply tensor (we use the first)."""
+        codes = metadata.get("output_compression")
+        if codes is None:
+            return "none"
+        if not isinstance(codes, (list, tuple)) or len(codes) not in (1, n_tensors) or codes[0] not in _COMPRESSION_BY_CODE:
+            raise ProtocolError(f"output_compression must list hivemind compression codes, got {codes!r:.100}")
+        return _COMPRESSION_BY_CODE[codes[0]]
+
+    async def _compute(self, fn, *args):
+        async def locked():
+            async with self._compute_lock:
+                return await asyncio.to_thread(fn, *args)
+
+        try:
+            return await asyncio.wait_for(locked(), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"request took longer than the server's limit of {self.request_timeout} s") from None

@@ -1,0 +1,251 @@
+"""Petals 2.2's wire format and DHT record schema, and nothing else: no routing, no I/O.
+
+Requests are hivemind ``runtime_pb2.ExpertRequest`` messages whose ``uid`` is the span's block uids
+(``{dht_prefix}.{i}``) joined by a space, whose tensors are hivemind-serialized (forward: hidden
+states, then prompts or the dummy tensor; backward: inputs, grad outputs, prompts or dummy), and
+whose ``metadata`` is a msgpack dict. Requests with more than ``MAX_UNARY_PAYLOAD_SIZE // 2`` bytes
+of raw tensor data are streamed in parts of at most ``DEFAULT_MAX_MSG_SIZE``, as Petals does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
+
+import ml_dtypes
+import numpy as np
+import torch
+from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, MAX_UNARY_PAYLOAD_SIZE
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from jaxseq.routing import ServerRecord, ServerState
+
+HANDLER = "TransformerConnectionHandler"
+RPC_INFO = f"{HANDLER}.rpc_info"
+RPC_FORWARD = f"{HANDLER}.rpc_forward"
+RPC_FORWARD_STREAM = f"{HANDLER}.rpc_forward_stream"
+RPC_BACKWARD = f"{HANDLER}.rpc_backward"
+RPC_BACKWARD_STREAM = f"{HANDLER}.rpc_backward_stream"
+
+CHAIN_DELIMITER = " "
+MODELS_KEY = "_petals.models"
+STREAM_THRESHOLD = MAX_UNARY_PAYLOAD_SIZE // 2
+
+COMPRESSIONS = {
+    "none": runtime_pb2.CompressionType.NONE,
+    "float16": runtime_pb2.CompressionType.FLOAT16,
+    "meanstd16": runtime_pb2.CompressionType.MEANSTD_16BIT,
+    "uniform8bit": runtime_pb2.CompressionType.UNIFORM_8BIT,
+    "quantile8bit": runtime_pb2.CompressionType.QUANTILE_8BIT,
+}
+
+
+class ProtocolError(ValueError):
+    """A message does not follow the protocol; the text says how."""
+
+
+# --- block uids -------------------------------------------------------------------------------
+def block_uid(dht_prefix: str, index: int) -> str:
+    return f"{dht_prefix}.{index}"
+
+
+def span_uids(dht_prefix: str, start: int, end: int) -> str:
+    """The ``uid`` field of a request for blocks ``start..end-1``."""
+    return CHAIN_DELIMITER.join(block_uid(dht_prefix, i) for i in range(start, end))
+
+
+def parse_span_uids(uids: str, dht_prefix: str) -> tuple[int, int]:
+    """``(start, end)`` of a request's uids; they must be this model's, contiguous and in order."""
+    if not uids:
+        raise ProtocolError("the request names no block uids")
+    indices = []
+    for uid in uids.split(CHAIN_DELIMITER):
+        prefix, dot, index = uid.rpartition(".")
+        if not dot or prefix != dht_prefix or not index.isdigit():
+            raise ProtocolError(f"uid {uid[:100]!r} is not a block of {dht_prefix!r} (expected {dht_prefix}.N)")
+        indices.append(int(index))
+    if indices != list(range(indices[0], indices[0] + len(indices))):
+        raise ProtocolError(f"block uids must be contiguous and in order, got blocks {indices[:16]}")
+    return indices[0], indices[-1] + 1
+
+
+# --- tensors ----------------------------------------------------------------------------------
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    """A torch view of the array, for serialization only. Arrays from JAX are read-only, which torch
+    warns about; serialization never writes to its input, so that warning is silenced here alone."""
+    array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        if array.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def serialize(array: Optional[np.ndarray], compression: str = "none") -> runtime_pb2.Tensor:
+    """A hivemind tensor message; ``None`` becomes Petals' dummy tensor (empty, float32)."""
+    if array is None:
+        return serialize_torch_tensor(torch.empty(0))
+    compression_type = COMPRESSIONS[compression] if np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16 else COMPRESSIONS["none"]
+    return serialize_torch_tensor(_to_torch(array), compression_type)
+
+
+def deserialize(message: runtime_pb2.Tensor) -> np.ndarray:
+    """The array in a hivemind tensor message (raises ``ProtocolError`` if it is malformed)."""
+    try:
+        return _to_numpy(deserialize_torch_tensor(message).detach())
+    except Exception as error:  # hivemind raises whatever torch or numpy raise on bad buffers
+        raise ProtocolError(f"malformed tensor (dtype {message.dtype!r}, size {list(message.size)[:8]}): {error}") from None
+
+
+def is_dummy(array: np.ndarray) -> bool:
+    return array.size == 0
+
+
+def raw_bytes(arrays: Iterable[Optional[np.ndarray]]) -> int:
+    return sum(a.nbytes for a in arrays if a is not None)
+
+
+# --- requests ---------------------------------------------------------------------------------
+def encode_metadata(metadata: Mapping[str, Any]) -> bytes:
+    return MSGPackSerializer.dumps(dict(metadata))
+
+
+def decode_metadata(raw: bytes) -> dict:
+    if not raw:
+        return {}
+    try:
+        metadata = MSGPackSerializer.loads(raw)
+    except Exception as error:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"metadata is not valid msgpack: {error}") from None
+    if not isinstance(metadata, dict):
+        raise ProtocolError(f"metadata must be a msgpack map, got {type(metadata).__name__}")
+    return metadata
+
+
+def make_requests(
+    uids: str, arrays: Sequence[Optional[np.ndarray]], metadata: Mapping[str, Any], compression: str = "none"
+) -> tuple[list[runtime_pb2.ExpertRequest], bool]:
+    """The messages of one call, and whether they must be streamed (too large for one unary message)."""
+    tensors = [serialize(a, compression) for a in arrays]
+    raw_metadata = encode_metadata(metadata)
+    if raw_bytes(arrays) <= STREAM_THRESHOLD:
+        return [runtime_pb2.ExpertRequest(uid=uids, tensors=tensors, metadata=raw_metadata)], False
+    parts = [
+        runtime_pb2.ExpertRequest(uid=uids, tensors=[part], metadata=raw_metadata)
+        for tensor in tensors
+        for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE)
+    ]
+    return parts, True
+
+
+def response_parts(arrays: Sequence[np.ndarray], compression: str, stream: bool) -> list[runtime_pb2.ExpertResponse]:
+    tensors = [serialize(a, compression) for a in arrays]
+    if not stream:
+        return [runtime_pb2.ExpertResponse(tensors=tensors)]
+    return [
+        runtime_pb2.ExpertResponse(tensors=[part]) for t in tensors for part in split_for_streaming(t, DEFAULT_MAX_MSG_SIZE)
+    ]
+
+
+def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[np.ndarray]:
+    """Reassemble streamed tensor parts (a part with a dtype starts a new tensor) and deserialize them."""
+    tensors: list[list[runtime_pb2.Tensor]] = []
+    for part in parts:
+        if part.dtype or not tensors:
+            tensors.append([])
+        tensors[-1].append(part)
+    return [deserialize(combine_from_streaming(chunks)) for chunks in tensors]
+
+
+@dataclasses.dataclass
+class Request:
+    """A request as received: its uids, tensors and metadata."""
+
+    uids: str
+    arrays: list[np.ndarray]
+    metadata: dict
+
+
+async def read_stream(requests: AsyncIterator[runtime_pb2.ExpertRequest], max_bytes: int) -> Request:
+    """Gather a streamed request, refusing it as soon as its buffers exceed ``max_bytes``."""
+    uids, raw_metadata, parts, received = None, None, [], 0
+    async for request in requests:
+        if uids is None:
+            uids, raw_metadata = request.uid, request.metadata
+        elif request.uid != uids:
+            raise ProtocolError("block uids differ between the parts of one streamed request")
+        for part in request.tensors:
+            received += len(part.buffer)
+            if received > max_bytes:
+                raise ProtocolError(f"streamed request exceeds the server's limit of {max_bytes} bytes")
+            parts.append(part)
+    if uids is None:
+        raise ProtocolError("empty request stream")
+    return Request(uids, combine_parts(parts), decode_metadata(raw_metadata))
+
+
+def read_unary(request: runtime_pb2.ExpertRequest) -> Request:
+    return Request(request.uid, [deserialize(t) for t in request.tensors], decode_metadata(request.metadata))
+
+
+# --- DHT records ------------------------------------------------------------------------------
+def server_info_value(
+    state: ServerState, throughput: float, *, start: int, end: int, version: str, dtype: str, **extra: Any
+) -> tuple:
+    """Petals' ``ServerInfo.to_tuple()``: ``(state, throughput, extra)``."""
+    info = dict(
+        start_block=start,
+        end_block=end,
+        public_name=None,
+        version=version,
+        network_rps=None,
+        forward_rps=float(throughput),
+        inference_rps=None,
+        adapters=(),
+        torch_dtype=dtype,
+        quant_type="none",
+        using_relay=False,
+        cache_tokens_left=0,
+        next_pings=None,
+    )
+    info.update(extra)
+    return (int(state), float(throughput), info)
+
+
+def parse_block_records(found: Mapping[int, Any]) -> list[ServerRecord]:
+    """Turn DHT lookups of each block (``{block: {peer_id: value}}``) into one record per server span.
+
+    A server's span is the longest run of consecutive blocks it announces; entries that don't
+    parse as Petals' ``ServerInfo`` tuple are ignored, so records from other versions never break us.
+    """
+    by_peer: dict[str, dict[int, tuple]] = {}
+    for block, entries in found.items():
+        for peer, value in (entries or {}).items():
+            if not isinstance(peer, str) or not isinstance(value, (tuple, list)) or len(value) < 2:
+                continue
+            state, throughput = value[0], value[1]
+            if not isinstance(state, int) or not isinstance(throughput, (int, float)) or state not in (0, 1, 2):
+                continue
+            extra = value[2] if len(value) > 2 and isinstance(value[2], dict) else {}
+            by_peer.setdefault(peer, {})[block] = (ServerState(state), float(throughput), extra)
+    records = []
+    for peer, blocks in by_peer.items():
+        indices = sorted(blocks)
+        run_start = indices[0]
+        for prev, cur in zip(indices, indices[1:] + [None]):
+            if cur != prev + 1:
+                state, throughput, extra = blocks[run_start]
+                version = extra.get("version") if isinstance(extra.get("version"), str) else ""
+                records.append(ServerRecord(peer, run_start, prev + 1, throughput, state, version, extra))
+                run_start = cur
+    return records

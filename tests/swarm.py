@@ -1,0 +1,75 @@
+"""Real ``jaxseq-server`` processes on 127.0.0.1 for tests: started in their own process group,
+always killed by PID (the whole group: server, its DHT process and p2pd), even when a test fails."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional, Sequence
+
+READY = "jaxseq server ready: "
+
+
+class ServerProcess:
+    """One ``jaxseq-server``; ``maddr`` is the multiaddr it printed when ready."""
+
+    def __init__(self, checkpoint: str, blocks: tuple[int, int], dht_prefix: str,
+                 initial_peers: Optional[Sequence[str]] = None, extra_args: Sequence[str] = ()):
+        args = [sys.executable, "-m", "jaxseq.remote.server", "--checkpoint", str(checkpoint),
+                "--blocks", f"{blocks[0]}:{blocks[1]}", "--dht-prefix", dht_prefix, "--throughput", "1000",
+                "--update-period", "5", *extra_args]
+        args += ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
+        self.blocks = blocks
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="jaxseq-server-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
+        self.maddr: Optional[str] = None
+        self.peer_id: Optional[str] = None
+
+    def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
+        """Wait for the ready line; on failure kill the server and raise with its log."""
+        self.maddr = self._read_ready_line(timeout)
+        self.peer_id = self.maddr.rsplit("/p2p/", 1)[1]
+        return self
+
+    def _read_ready_line(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.5)
+            if ready:
+                line = self.process.stdout.readline()
+                if line.startswith(READY):
+                    return line[len(READY):].strip()
+            if self.process.poll() is not None:
+                break
+        self.kill()
+        raise RuntimeError(f"jaxseq-server did not become ready; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()[-chars:]
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started (its process group), as a machine dying would."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM the server alone and wait for its exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.process.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
