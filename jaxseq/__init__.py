@@ -5,11 +5,13 @@ The data path: a Flax module -> ``remote_sequential`` (a ``jax.custom_vjp``) -> 
 """
 
 from jaxseq.backend import BlockBackend, bucket
+from jaxseq.checkpoint import load_checkpoint, load_config, load_head, random_checkpoint, write_checkpoint
 from jaxseq.config import ClientConfig, LlamaConfig
 from jaxseq.emulation import EmulatedServer, LocalSwarm
 from jaxseq.errors import MissingBlocksError, RemoteCallError, SwarmError
 from jaxseq.llama import block_forward, init_block_params, local_sequential
 from jaxseq.manager import SequenceManager
+from jaxseq.model import DistributedLlama
 from jaxseq.primitive import remote_sequential
 from jaxseq.routing import ServerRecord, ServerState, Span, route
 
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockBackend",
     "ClientConfig",
+    "DistributedLlama",
     "EmulatedServer",
     "LlamaConfig",
     "LocalSwarm",
@@ -31,7 +34,12 @@ __all__ = [
     "block_forward",
     "bucket",
     "init_block_params",
+    "load_checkpoint",
+    "load_config",
+    "load_head",
     "local_sequential",
+    "random_checkpoint",
     "remote_sequential",
     "route",
+    "write_checkpoint",
 ]

@@ -207,6 +207,16 @@ def _block_range(blocks: Optional[BlockRange], num_layers: int) -> range:
     return blocks
 
 
+def load_config(path: PathLike) -> LlamaConfig:
+    """The ``LlamaConfig`` of a local Hugging Face Llama checkpoint (validated as ``load_checkpoint`` does).
+
+    Example:
+        >>> load_config("llama-tiny").num_hidden_layers  # doctest: +SKIP
+        4
+    """
+    return _load_config(_folder(path))[0]
+
+
 def load_checkpoint(
     path: PathLike, blocks: Optional[BlockRange] = None, dtype: Any = jnp.float32
 ) -> tuple[LlamaConfig, list[BlockParams]]:
@@ -288,13 +298,15 @@ def load_head(path: PathLike, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
     }
 
 
-def _random_head(cfg: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+def _random_head(
+    cfg: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02
+) -> dict[str, jax.Array]:
     embed_key, head_key = jax.random.split(key)
     shape = (cfg.vocab_size, cfg.hidden_size)
     return {
-        "embed_tokens": (0.02 * jax.random.normal(embed_key, shape)).astype(dtype),
+        "embed_tokens": (std * jax.random.normal(embed_key, shape)).astype(dtype),
         "norm": jnp.ones((cfg.hidden_size,), dtype),
-        "lm_head": (0.02 * jax.random.normal(head_key, shape[::-1])).astype(dtype),
+        "lm_head": (std * jax.random.normal(head_key, shape[::-1])).astype(dtype),
     }
 
 
@@ -435,7 +447,7 @@ def write_checkpoint(
 
 
 def random_checkpoint(
-    path: PathLike, cfg: LlamaConfig, seed: int = 0, max_shard_bytes: Optional[int] = None
+    path: PathLike, cfg: LlamaConfig, seed: int = 0, max_shard_bytes: Optional[int] = None, std: float = 0.02
 ) -> Path:
     """Write a randomly initialised Llama checkpoint (``init_block_params`` blocks, random head).
 
@@ -444,6 +456,7 @@ def random_checkpoint(
         cfg: the model's config.
         seed: seeds the blocks and the head.
         max_shard_bytes: the largest shard size in bytes; None writes a single file.
+        std: standard deviation of the random matrices and embeddings (Llama's initializer_range by default).
 
     Returns:
         The folder's path.
@@ -455,5 +468,5 @@ def random_checkpoint(
         PosixPath('/tmp/llama-random')
     """
     block_key, head_key = jax.random.split(jax.random.key(seed))
-    params = init_block_params(cfg, block_key)
-    return write_checkpoint(path, cfg, params, _random_head(cfg, head_key), max_shard_bytes=max_shard_bytes)
+    params = init_block_params(cfg, block_key, std=std)
+    return write_checkpoint(path, cfg, params, _random_head(cfg, head_key, std=std), max_shard_bytes=max_shard_bytes)

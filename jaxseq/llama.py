@@ -61,7 +61,8 @@ def init_block_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: 
     return blocks
 
 
-def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Llama's RMSNorm, computed in float32 as Hugging Face does."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * x32.astype(x.dtype)
@@ -103,8 +104,8 @@ def _attention(cfg: LlamaConfig, p: BlockParams, h: jax.Array) -> jax.Array:
 
 def block_forward(cfg: LlamaConfig, p: BlockParams, x: jax.Array) -> jax.Array:
     """One Llama decoder layer: pre-norm attention and SwiGLU MLP, each with a residual."""
-    x = x + _attention(cfg, p, _rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps))
-    h = _rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+    x = x + _attention(cfg, p, rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps))
+    h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
     return x + (jax.nn.silu(h @ p["gate_proj"]) * (h @ p["up_proj"])) @ p["down_proj"]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxseq
-from swarm import ServerProcess
+from jaxseq.remote.launch import ServerProcess
 
 TINY = jaxseq.LlamaConfig(
     hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
@@ -85,7 +85,8 @@ def start_servers(checkpoint):
         dht_prefix = dht_prefix or f"tiny{next(_prefixes)}"
 
         def launch(span, peers):
-            server = ServerProcess(str(checkpoint[0]), span, dht_prefix, peers, extra_args)
+            args = ["--throughput", "1000", "--update-period", "5", *extra_args]
+            server = ServerProcess(str(checkpoint[0]), span, dht_prefix, peers, args)
             started.append(server)
             return server
 

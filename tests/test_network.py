@@ -13,7 +13,7 @@ import pytest
 import jaxseq
 from jaxseq.remote import RemoteSequenceManager
 from conftest import rel_err
-from swarm import ServerProcess
+from jaxseq.remote.launch import ServerProcess
 
 pytestmark = pytest.mark.network
 TOL = 1e-5

@@ -7,6 +7,7 @@ right after failures), and calls servers with Petals 2.2 RPCs, streaming large t
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -48,9 +49,14 @@ class RemoteSequenceManager(SequenceManager):
         self._p2p = None
         self.dht = None
         try:
-            self.dht = dht_records.start_dht(
-                initial_peers=list(initial_peers), client_mode=True, host_maddrs=list(host_maddrs)
-            )
+            try:
+                self.dht = dht_records.start_dht(
+                    initial_peers=list(initial_peers), client_mode=True, host_maddrs=list(host_maddrs)
+                )
+            except P2PDaemonError as error:
+                raise ConnectionError(
+                    f"could not join the swarm through initial peers {list(initial_peers)}: {error}"
+                ) from error
             self._p2p = self.run(self.dht.replicate_p2p())
             self._num_blocks = num_blocks or self.run(self._announced_num_blocks())
             self.run(self.refresh())
@@ -104,6 +110,20 @@ class RemoteSequenceManager(SequenceManager):
             self.dht.shutdown()
             self.dht = None
         super().close()
+
+    async def ping(self, peer: str) -> Optional[float]:
+        """Round-trip seconds of an ``rpc_info`` call to ``peer``, or None if it does not answer in time."""
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(
+                self._p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer), protocol.RPC_INFO, runtime_pb2.ExpertUID(uid=""), runtime_pb2.ExpertInfo
+                ),
+                self.config.connect_timeout,
+            )
+        except (asyncio.TimeoutError, P2PHandlerError, *_UNREACHABLE):
+            return None
+        return time.perf_counter() - start
 
     # --- the wire ------------------------------------------------------------------------------
     def _metadata(self) -> dict:

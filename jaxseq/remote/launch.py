@@ -1,5 +1,8 @@
-"""Real ``jaxseq-server`` processes on 127.0.0.1 for tests: started in their own process group,
-always killed by PID (the whole group: server, its DHT process and p2pd), even when a test fails."""
+"""Start ``jaxseq-server`` processes from Python (the demo and the tests use it).
+
+Each server runs in its own process group, so that ``kill`` ends it and everything it started
+(its DHT process and p2pd) by PID, as a machine dying would.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +19,18 @@ READY = "jaxseq server ready: "
 
 
 class ServerProcess:
-    """One ``jaxseq-server``; ``maddr`` is the multiaddr it printed when ready."""
+    """One ``jaxseq-server`` process; ``maddr`` is the multiaddr it printed when ready.
+
+    Example:
+        >>> first = ServerProcess("llama-tiny", (0, 4), "tiny").wait_ready()           # doctest: +SKIP
+        >>> second = ServerProcess("llama-tiny", (2, 4), "tiny", [first.maddr]).wait_ready()  # doctest: +SKIP
+        >>> second.kill(); first.terminate()                                           # doctest: +SKIP
+    """
 
     def __init__(self, checkpoint: str, blocks: tuple[int, int], dht_prefix: str,
                  initial_peers: Optional[Sequence[str]] = None, extra_args: Sequence[str] = ()):
         args = [sys.executable, "-m", "jaxseq.remote.server", "--checkpoint", str(checkpoint),
-                "--blocks", f"{blocks[0]}:{blocks[1]}", "--dht-prefix", dht_prefix, "--throughput", "1000",
-                "--update-period", "5", *extra_args]
+                "--blocks", f"{blocks[0]}:{blocks[1]}", "--dht-prefix", dht_prefix, *extra_args]
         args += ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
         self.blocks = blocks
         self.log = tempfile.NamedTemporaryFile("w+", prefix="jaxseq-server-", suffix=".log", delete=False)
@@ -63,9 +71,14 @@ class ServerProcess:
         self.process.wait(timeout=30)
 
     def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM the server alone and wait for its exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        """SIGTERM the server alone (it announces OFFLINE and exits) and wait for its exit code;
+        SIGKILL its group if it has not exited within ``timeout``."""
+        try:
+            self.process.send_signal(signal.SIGTERM)
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.process.returncode
 
     def group_alive(self) -> bool:
         try:
