@@ -20,5 +20,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/jaxseq demo
 
+# The interop tests run against a real Petals 2.2 in its own venv (its pins clash with ours). Exit code 3
+# means the package index is unreachable: those tests then skip, saying so; any other failure fails.
 test: $(STAMP)
+	bash tests/interop/petals_venv.sh || { rc=$$?; [ $$rc -eq 3 ] || exit $$rc; echo "PETALS VENV UNAVAILABLE: interop tests will skip" >&2; }
 	$(BIN)/python -m pytest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -28,8 +29,11 @@ from jaxseq.remote import dht_records, protocol
 from jaxseq.remote.handler import TransformerConnectionHandler
 from jaxseq.routing import ServerState
 
+logger = logging.getLogger("jaxseq.server")
+
 PROTOCOL_VERSION = "2.2.0"  # the Petals release whose wire protocol we speak
 VERSION = f"{PROTOCOL_VERSION}+jaxseq.{jaxseq.__version__}"
+ANNOUNCE_TIMEOUT = 10.0
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -98,8 +102,16 @@ async def serve(args: argparse.Namespace, stop: Optional[asyncio.Event] = None) 
         await handler.add_p2p_handlers(p2p)
 
         async def announce(state: ServerState) -> None:
+            # Bounded: if the DHT process died (e.g. a Ctrl-C reached the whole process group), a store
+            # would wait forever; the server keeps serving and shutting down regardless.
             info = protocol.server_info_value(state, throughput, start=start, end=end, version=VERSION, dtype=args.dtype)
-            await dht_records.announce(dht, args.dht_prefix, start, end, info, cfg.num_hidden_layers, expiration)
+            try:
+                await asyncio.wait_for(
+                    dht_records.announce(dht, args.dht_prefix, start, end, info, cfg.num_hidden_layers, expiration),
+                    timeout=ANNOUNCE_TIMEOUT,
+                )
+            except (asyncio.TimeoutError, OSError, EOFError, BrokenPipeError) as error:
+                logger.warning("announcing %s to the DHT failed: %r", state.name, error)
 
         await announce(ServerState.ONLINE)
         print(f"jaxseq server ready: {_visible_maddr(dht)}", flush=True)
@@ -115,7 +127,8 @@ async def serve(args: argparse.Namespace, stop: Optional[asyncio.Event] = None) 
                 await announce(ServerState.ONLINE)
         await announce(ServerState.OFFLINE)
     finally:
-        await p2p.shutdown()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(p2p.shutdown(), timeout=ANNOUNCE_TIMEOUT)
         dht.shutdown()
 
 

@@ -1,0 +1,48 @@
+"""The host side of a call through the swarm, on numpy arrays: run the chain, keep forward state for
+backward. Shared by ``jaxseq.remote_sequential`` (JAX host callbacks) and ``bridges.RemoteSequential``
+(torch autograd), so both get the same micro-batching, re-routing, retries and bounded saved state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Coroutine
+
+import numpy as np
+
+from jaxseq.manager import SequenceManager
+from jaxseq.sequential import sequential_backward, sequential_forward
+
+
+def call(manager: SequenceManager, coro: Coroutine) -> Any:
+    """Run ``coro`` on the manager's loop; a failure is kept in ``manager.last_error`` and re-raised."""
+    try:
+        return manager.run(coro)
+    except Exception as error:
+        manager.outcome(error)
+        raise
+
+
+def run_forward(manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, save: bool) -> tuple[np.ndarray, int]:
+    """Forward through the whole chain; returns the output and a handle for ``run_backward``.
+
+    With ``save``, the routes and span inputs are kept in ``manager.saved`` (bounded) under the
+    handle; otherwise the handle is 0 and nothing is kept.
+
+    Example:
+        >>> out, handle = run_forward(manager, x, prompts, save=True)              # doctest: +SKIP
+        >>> grad_x, grad_prompts = run_backward(manager, x, prompts, g, handle)    # doctest: +SKIP
+    """
+    out, done = call(manager, sequential_forward(manager, x, prompts))
+    return out, (manager.saved.put(done) if save else 0)
+
+
+def run_backward(
+    manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, grad_out: np.ndarray, handle: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients w.r.t. ``x`` and ``prompts``, from the forward state saved under ``handle``.
+
+    The state is used once. When it is missing (handle 0, evicted, or already used by an earlier
+    backward) the forward is recomputed, so this never fails for that reason.
+    """
+    done = manager.saved.pop(handle)
+    return call(manager, sequential_backward(manager, x, prompts, grad_out, done))
