@@ -60,7 +60,7 @@ def test_four_servers_equal_local_with_streaming(checkpoint, start_servers, loca
             x, prompts = _inputs(cfg, batch, seq, prompt_len)
             _assert_equal_to_local(step(x, prompts), local_step(x, prompts))
         # 8 MiB of hidden states in one micro-batch: requests and replies are streamed both ways.
-        x, prompts = _inputs(cfg, 64, 1024, 4)
+        x, prompts = _inputs(cfg, 512, 128, 4)
         assert x.nbytes >= 8 * 2**20
         _assert_equal_to_local(step(x, prompts), local_step(x, prompts))
 

@@ -7,6 +7,8 @@ right after failures), and calls servers with Petals 2.2 RPCs, streaming large t
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -21,6 +23,23 @@ from jaxseq.errors import FaultyResponse, ServerFailure
 from jaxseq.manager import SequenceManager
 from jaxseq.remote import dht_records, protocol
 from jaxseq.routing import ServerRecord, Span
+
+@dataclasses.dataclass(frozen=True)
+class CallTiming:
+    """Where the time of one RPC went (``server_*`` as the server reports it; None from Petals servers)."""
+
+    stage: str
+    peer: str
+    blocks: int
+    streamed: bool
+    serialize_s: float
+    round_trip_s: float
+    deserialize_s: float
+    server_compute_s: Optional[float]
+    server_wait_s: Optional[float]
+    bytes_sent: int
+    bytes_received: int
+
 
 _UNREACHABLE = (P2PDaemonError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)
 
@@ -46,6 +65,7 @@ class RemoteSequenceManager(SequenceManager):
         super().__init__(config, seed=seed, name=f"jaxseq-client-{dht_prefix}")
         self.dht_prefix = dht_prefix
         self._hidden_size: Optional[int] = None
+        self.timings: collections.deque[CallTiming] = collections.deque(maxlen=4096)
         self._p2p = None
         self.dht = None
         try:
@@ -134,25 +154,43 @@ class RemoteSequenceManager(SequenceManager):
 
     async def _call(self, span: Span, rpc: tuple[str, str], arrays: list) -> list[np.ndarray]:
         uids = protocol.span_uids(self.dht_prefix, span.start, span.end)
+        t0 = time.perf_counter()
         requests, streamed = await asyncio.to_thread(
             protocol.make_requests, uids, arrays, self._metadata(), self.config.compression
         )
         peer = PeerID.from_base58(span.peer)
         try:
+            t1 = time.perf_counter()
             if not streamed:
-                response = await self._p2p.call_protobuf_handler(peer, rpc[0], requests[0], runtime_pb2.ExpertResponse)
-                return await asyncio.to_thread(lambda: [protocol.deserialize(t) for t in response.tensors])
-            stream = await self._p2p.iterate_protobuf_handler(
-                peer, rpc[1], as_aiter(*requests), runtime_pb2.ExpertResponse
-            )
-            parts = [part async for response in stream for part in response.tensors]
-            return await asyncio.to_thread(protocol.combine_parts, parts)
+                responses = [
+                    await self._p2p.call_protobuf_handler(peer, rpc[0], requests[0], runtime_pb2.ExpertResponse)
+                ]
+            else:
+                stream = await self._p2p.iterate_protobuf_handler(
+                    peer, rpc[1], as_aiter(*requests), runtime_pb2.ExpertResponse
+                )
+                responses = [response async for response in stream]
+            t2 = time.perf_counter()
+            parts = [part for response in responses for part in response.tensors]
+            outputs = await asyncio.to_thread(protocol.combine_parts, parts)
+            t3 = time.perf_counter()
         except P2PHandlerError as error:
             raise ServerFailure(span.peer, f"error reply: {error}", reachable=True) from None
         except protocol.ProtocolError as error:
             raise FaultyResponse(span.peer, str(error)) from None
         except _UNREACHABLE as error:
             raise ServerFailure(span.peer, f"unreachable: {type(error).__name__}: {error}", reachable=False) from None
+        server = protocol.reply_timing(responses[0].metadata if responses else b"")
+        self.timings.append(
+            CallTiming(
+                stage=rpc[0].rsplit("_", 1)[-1], peer=span.peer, blocks=len(span), streamed=streamed,
+                serialize_s=t1 - t0, round_trip_s=t2 - t1, deserialize_s=t3 - t2,
+                server_compute_s=server.get("compute_s"), server_wait_s=server.get("wait_s"),
+                bytes_sent=sum(len(t.buffer) for r in requests for t in r.tensors),
+                bytes_received=sum(len(p.buffer) for p in parts),
+            )
+        )
+        return outputs
 
     def _as_requested(self, span: Span, array: np.ndarray, dtype) -> np.ndarray:
         """Petals servers reply in their own dtype; accept exactly that one besides ours."""

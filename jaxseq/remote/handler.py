@@ -7,6 +7,7 @@ worker thread, one at a time (a computation already uses every core), with a bou
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncIterator
 
 import torch
@@ -75,8 +76,8 @@ class TransformerConnectionHandler(ServicerBase):
     async def _forward(self, request: Request, stream: bool) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
         hidden, prompts = validation.forward_inputs(request.arrays, end - start, self.limits)
-        out = await self._compute(self.backend.forward, hidden, prompts, start, end)
-        return protocol.response_parts([out], self._reply_compression(request.metadata, 1), stream)
+        out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end)
+        return protocol.response_parts([out], self._reply_compression(request.metadata, 1), stream, timing)
 
     # --- backward ------------------------------------------------------------------------------
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -93,11 +94,12 @@ class TransformerConnectionHandler(ServicerBase):
     async def _backward(self, request: Request, stream: bool) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
         inputs, grad_outputs, prompts = validation.backward_inputs(request.arrays, end - start, self.limits)
-        grad_inputs, grad_prompts = await self._compute(
+        (grad_inputs, grad_prompts), timing = await self._compute(
             self.backend.backward, inputs, prompts, grad_outputs, start, end
         )
         grads = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
-        return protocol.response_parts(grads, self._reply_compression(request.metadata, len(grads)), stream)
+        compression = self._reply_compression(request.metadata, len(grads))
+        return protocol.response_parts(grads, compression, stream, timing)
 
     # --- helpers -------------------------------------------------------------------------------
     def _served(self, uids: str) -> tuple[int, int]:
@@ -117,10 +119,15 @@ class TransformerConnectionHandler(ServicerBase):
             raise ProtocolError(f"output_compression must list hivemind compression codes, got {codes!r:.100}")
         return _COMPRESSION_BY_CODE[codes[0]]
 
-    async def _compute(self, fn, *args):
+    async def _compute(self, fn, *args) -> tuple[object, dict]:
+        """``fn(*args)`` in a worker thread, one at a time; returns its result and ``{"wait_s", "compute_s"}``."""
+
         async def locked():
+            arrived = time.perf_counter()
             async with self._compute_lock:
-                return await asyncio.to_thread(fn, *args)
+                started = time.perf_counter()
+                result = await asyncio.to_thread(fn, *args)
+                return result, {"wait_s": started - arrived, "compute_s": time.perf_counter() - started}
 
         try:
             return await asyncio.wait_for(locked(), self.request_timeout)

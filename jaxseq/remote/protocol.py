@@ -148,13 +148,31 @@ def make_requests(
     return parts, True
 
 
-def response_parts(arrays: Sequence[np.ndarray], compression: str, stream: bool) -> list[runtime_pb2.ExpertResponse]:
+def response_parts(
+    arrays: Sequence[np.ndarray], compression: str, stream: bool, metadata: Optional[Mapping[str, Any]] = None
+) -> list[runtime_pb2.ExpertResponse]:
+    """Reply messages; ``metadata`` (e.g. the server's timing) rides on the first one, where Petals clients ignore it."""
     tensors = [serialize(a, compression) for a in arrays]
     if not stream:
-        return [runtime_pb2.ExpertResponse(tensors=tensors)]
-    return [
-        runtime_pb2.ExpertResponse(tensors=[part]) for t in tensors for part in split_for_streaming(t, DEFAULT_MAX_MSG_SIZE)
-    ]
+        responses = [runtime_pb2.ExpertResponse(tensors=tensors)]
+    else:
+        responses = [
+            runtime_pb2.ExpertResponse(tensors=[part])
+            for t in tensors
+            for part in split_for_streaming(t, DEFAULT_MAX_MSG_SIZE)
+        ]
+    if metadata:
+        responses[0].metadata = encode_metadata(metadata)
+    return responses
+
+
+def reply_timing(raw: bytes) -> dict:
+    """The timing a jaxseq server puts in its reply's metadata: ``{"compute_s", "wait_s"}``; {} if absent or malformed."""
+    try:
+        metadata = decode_metadata(raw)
+    except ProtocolError:
+        return {}
+    return {k: float(v) for k, v in metadata.items() if k in ("compute_s", "wait_s") and isinstance(v, (int, float))}
 
 
 def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[np.ndarray]:
