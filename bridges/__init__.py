@@ -1,0 +1,21 @@
+"""bridges: JAX and torch in one program, sharing memory and gradients.
+
+* ``to_torch`` / ``to_jax``: zero-copy conversion through DLPack (``copy=True`` for an explicit copy).
+* ``RemoteSequential``: the swarm's chain of Llama blocks as a ``torch.nn.Module`` (train deep prompts
+  with a torch optimizer through ``jaxseq``'s fault-tolerant client).
+* ``jax_function_as_torch``: a JAX function as a differentiable torch function.
+* ``torch_module_as_jax``: a torch module (an embedding, an LM head) as a differentiable JAX function.
+
+Example:
+    >>> import bridges, torch
+    >>> blocks = bridges.RemoteSequential(swarm.sequence_manager())              # doctest: +SKIP
+    >>> prompts = torch.nn.Parameter(torch.zeros(n_blocks, batch, 4, hidden))    # doctest: +SKIP
+    >>> opt = torch.optim.AdamW([prompts], lr=1e-2)                               # doctest: +SKIP
+    >>> blocks(x, prompts).pow(2).mean().backward(); opt.step()                   # doctest: +SKIP
+"""
+
+from bridges.dlpack import to_jax, to_torch
+from bridges.torch_autograd import RemoteSequential, jax_function_as_torch
+from bridges.torch_in_jax import torch_module_as_jax
+
+__all__ = ["RemoteSequential", "jax_function_as_torch", "to_jax", "to_torch", "torch_module_as_jax"]

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseq.host import run_backward, run_forward
 from jaxseq.llama import check_inputs
 from jaxseq.manager import SequenceManager
-from jaxseq.sequential import sequential_backward, sequential_forward
 
 
 def remote_sequential(x: jax.Array, prompts: Optional[jax.Array], manager: SequenceManager) -> jax.Array:
@@ -78,20 +78,11 @@ def _unflatten_prompts(grad_prompts: np.ndarray, lead: tuple[int, ...], batch: i
     return np.moveaxis(g, 0, len(lead))
 
 
-def _call(manager: SequenceManager, coro):
-    try:
-        return manager.run(coro)
-    except Exception as error:
-        manager.outcome(error)
-        raise
-
-
 def _forward_callback(x, prompts, manager, save: bool):
     def host(x, prompts):
         x, prompts = np.asarray(x), np.asarray(prompts)
         x_flat, prompts_flat, lead = _flatten(x, prompts)
-        out, done = _call(manager, sequential_forward(manager, x_flat, prompts_flat))
-        handle = manager.saved.put(done) if save else 0
+        out, handle = run_forward(manager, x_flat, prompts_flat, save)
         return out.reshape(x.shape), np.full(lead, handle, np.int32)
 
     result_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((), jnp.int32))
@@ -102,10 +93,8 @@ def _backward_callback(x, prompts, handle, grad_out, manager):
     def host(x, prompts, handle, grad_out):
         x, prompts, grad_out = np.asarray(x), np.asarray(prompts), np.asarray(grad_out)
         x_flat, prompts_flat, lead = _flatten(x, prompts)
-        done = manager.saved.pop(int(np.asarray(handle).reshape(-1)[0]))
-        grad_x, grad_prompts = _call(
-            manager,
-            sequential_backward(manager, x_flat, prompts_flat, grad_out.reshape(x_flat.shape), done),
+        grad_x, grad_prompts = run_backward(
+            manager, x_flat, prompts_flat, grad_out.reshape(x_flat.shape), int(np.asarray(handle).reshape(-1)[0])
         )
         return grad_x.reshape(x.shape), _unflatten_prompts(grad_prompts, lead, x.shape[-3])
 

@@ -80,6 +80,7 @@ class RemoteSequenceManager(SequenceManager):
             self._p2p = self.run(self.dht.replicate_p2p())
             self._num_blocks = num_blocks or self.run(self._announced_num_blocks())
             self.run(self.refresh())
+            self._hidden_size = self.run(self._announced_hidden_size())
             self._updater = asyncio.run_coroutine_threadsafe(self._keep_fresh(), self._background.loop)
         except BaseException:
             self.close()
@@ -95,6 +96,22 @@ class RemoteSequenceManager(SequenceManager):
                 "check dht_prefix, or pass num_blocks= for servers that don't announce _petals.models"
             )
         return found
+
+    async def _announced_hidden_size(self) -> Optional[int]:
+        """Hidden size from a server's ``rpc_info`` (its forward schema), so bad input fails before any call."""
+        for record in self._records:
+            try:
+                info = await asyncio.wait_for(self._rpc_info(record.peer, protocol.block_uid(self.dht_prefix, record.start)), self.config.connect_timeout)
+                return int(info["forward_schema"][0][0].shape[-1])
+            except (asyncio.TimeoutError, P2PHandlerError, KeyError, IndexError, TypeError, AttributeError, ValueError, *_UNREACHABLE):
+                continue  # this server did not say; ask the next
+        return None
+
+    async def _rpc_info(self, peer: str, uid: str = "") -> dict:
+        response = await self._p2p.call_protobuf_handler(
+            PeerID.from_base58(peer), protocol.RPC_INFO, runtime_pb2.ExpertUID(uid=uid), runtime_pb2.ExpertInfo
+        )
+        return protocol.decode_metadata(response.serialized_info)
 
     @property
     def num_blocks(self) -> int:
@@ -135,13 +152,8 @@ class RemoteSequenceManager(SequenceManager):
         """Round-trip seconds of an ``rpc_info`` call to ``peer``, or None if it does not answer in time."""
         start = time.perf_counter()
         try:
-            await asyncio.wait_for(
-                self._p2p.call_protobuf_handler(
-                    PeerID.from_base58(peer), protocol.RPC_INFO, runtime_pb2.ExpertUID(uid=""), runtime_pb2.ExpertInfo
-                ),
-                self.config.connect_timeout,
-            )
-        except (asyncio.TimeoutError, P2PHandlerError, *_UNREACHABLE):
+            await asyncio.wait_for(self._rpc_info(peer), self.config.connect_timeout)
+        except (asyncio.TimeoutError, P2PHandlerError, protocol.ProtocolError, *_UNREACHABLE):
             return None
         return time.perf_counter() - start
 

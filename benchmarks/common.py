@@ -1,0 +1,50 @@
+"""What every benchmark shares: the model and shapes of the issues' measurements, and timing."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+import jaxseq
+
+# 8 Llama blocks, hidden 512, intermediate 1344, 8 heads; batch 8 x 128 tokens, 16 deep prompts, float32.
+CFG = jaxseq.LlamaConfig(
+    hidden_size=512, intermediate_size=1344, num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=8,
+    vocab_size=1000,
+)
+BATCH, SEQ, PROMPT_LEN = 8, 128, 16
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], object], steps: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` over ``steps`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn) for _ in range(steps))
+
+
+def inputs(cfg: jaxseq.LlamaConfig = CFG, batch: int = BATCH, seq: int = SEQ, prompt_len: int = PROMPT_LEN):
+    x = jax.random.normal(jax.random.key(1), (batch, seq, cfg.hidden_size), jnp.float32)
+    prompts = 0.1 * jax.random.normal(jax.random.key(2), (cfg.num_hidden_layers, batch, prompt_len, cfg.hidden_size))
+    return x, prompts
+
+
+def training_step(blocks: Callable) -> Callable:
+    """A jitted forward + backward w.r.t. hidden states and prompts through ``blocks(x, prompts)``."""
+    return jax.jit(jax.value_and_grad(lambda x, p: jnp.mean(blocks(x, p) ** 2), argnums=(0, 1)))
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
