@@ -8,8 +8,11 @@ independent, and causal attention means padded positions at the end never reach 
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import threading
-from typing import Optional, Sequence
+import time
+from typing import Callable, Hashable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,62 @@ def _pad(a: np.ndarray, axis_sizes: dict[int, int]) -> np.ndarray:
     return np.pad(a, pads)
 
 
+@dataclasses.dataclass
+class _Saved:
+    x: np.ndarray
+    prompts: np.ndarray
+    vjp: Callable
+    nbytes: int
+    created: float
+
+
+class ActivationCache:
+    """A span's forward state (its VJP closure, holding the activations), kept for the backward that
+    follows, bounded in bytes (LRU) and in age (TTL). An entry is used once, and only when the
+    backward's inputs are exactly the forward's; otherwise backward recomputes.
+    """
+
+    def __init__(self, max_bytes: int, ttl: float):
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._entries: collections.OrderedDict[Hashable, _Saved] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: Hashable, x: np.ndarray, prompts: np.ndarray, vjp: Callable) -> None:
+        nbytes = x.nbytes + prompts.nbytes + sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._drop(key)
+            self._entries[key] = _Saved(x, prompts, vjp, nbytes, time.monotonic())
+            self.nbytes += nbytes
+            while self.nbytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+
+    def take(self, key: Hashable, x: np.ndarray, prompts: np.ndarray) -> Optional[Callable]:
+        with self._lock:
+            now = time.monotonic()
+            for old in [k for k, e in self._entries.items() if now - e.created > self.ttl]:
+                self._drop(old)
+            saved = self._drop(key)
+        if saved is not None and np.array_equal(saved.x, x) and np.array_equal(saved.prompts, prompts):
+            self.hits += 1
+            return saved.vjp
+        self.misses += 1
+        return None
+
+    def _drop(self, key: Hashable) -> Optional[_Saved]:
+        saved = self._entries.pop(key, None)
+        if saved is not None:
+            self.nbytes -= saved.nbytes
+        return saved
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class BlockBackend:
     """Blocks ``first..first+len(blocks)-1`` of a model, ready to run any sub-span of them.
 
@@ -52,9 +111,18 @@ class BlockBackend:
         (1, 3, 64)
     """
 
-    def __init__(self, cfg: LlamaConfig, blocks: Sequence[BlockParams], first: int = 0):
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        blocks: Sequence[BlockParams],
+        first: int = 0,
+        *,
+        cache_bytes: int = 1 << 30,
+        cache_ttl: float = 120.0,
+    ):
         self.cfg = cfg
         self.first = first
+        self.cache = ActivationCache(cache_bytes, cache_ttl)
         self.blocks = [jax.tree.map(jnp.asarray, b) for b in blocks]
         self.dtype = self.blocks[0]["q_proj"].dtype
         self._compiled: set[tuple] = set()
@@ -94,20 +162,41 @@ class BlockBackend:
             self._compiled.add((stage, end - start, x_p.shape, prompts_p.shape))
         return x_p, prompts_p, extra_p
 
-    def forward(self, x: np.ndarray, prompts: np.ndarray, start: int, end: int) -> np.ndarray:
-        """Hidden states after blocks ``start..end-1``; ``prompts`` is ``[end-start, batch, prompt_len, hidden]``."""
+    def forward(
+        self, x: np.ndarray, prompts: np.ndarray, start: int, end: int, cache_key: Optional[Hashable] = None
+    ) -> np.ndarray:
+        """Hidden states after blocks ``start..end-1``; ``prompts`` is ``[end-start, batch, prompt_len, hidden]``.
+
+        With ``cache_key``, the activations are kept (see ``ActivationCache``) so that a backward
+        with the same key and inputs needn't recompute the forward.
+        """
         batch, seq, _ = x.shape
         x_p, prompts_p, _ = self._padded("forward", start, end, x, prompts)
-        out = self._forward(self._span(start, end), x_p, prompts_p)
+        blocks = self._span(start, end)
+        if cache_key is None:
+            out = self._forward(blocks, x_p, prompts_p)
+        else:
+            out, vjp = jax.vjp(lambda x_, p_: self._forward(blocks, x_, p_), x_p, prompts_p)
+            self.cache.put((cache_key, start, end), x, prompts, vjp)
         return np.asarray(out)[:batch, :seq].astype(x.dtype, copy=False)
 
     def backward(
-        self, x: np.ndarray, prompts: np.ndarray, grad_out: np.ndarray, start: int, end: int
+        self,
+        x: np.ndarray,
+        prompts: np.ndarray,
+        grad_out: np.ndarray,
+        start: int,
+        end: int,
+        cache_key: Optional[Hashable] = None,
     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Gradients w.r.t. the span's inputs and (if ``prompt_len > 0``) its prompts."""
         batch, seq, _ = x.shape
         x_p, prompts_p, (grad_p,) = self._padded("backward", start, end, x, prompts, grad_out)
-        grad_x, grad_prompts = self._backward(self._span(start, end), x_p, prompts_p, grad_p)
+        vjp = None if cache_key is None else self.cache.take((cache_key, start, end), x, prompts)
+        if vjp is not None:
+            grad_x, grad_prompts = vjp(grad_p)
+        else:
+            grad_x, grad_prompts = self._backward(self._span(start, end), x_p, prompts_p, grad_p)
         grad_x = np.asarray(grad_x)[:batch, :seq].astype(x.dtype, copy=False)
         if prompts.shape[2] == 0:
             return grad_x, None

@@ -120,10 +120,12 @@ class LocalSequenceManager(SequenceManager):
     async def _fetch_records(self) -> list[ServerRecord]:
         return [s.record() for s in self.swarm.servers if s.alive]
 
-    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float) -> np.ndarray:
+    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
         server = self._servers[span.peer]
-        return await server.handle("forward", server.backend.forward, x, prompts, span.start, span.end)
+        return await server.handle("forward", server.backend.forward, x, prompts, span.start, span.end, cache_id or None)
 
-    async def _call_backward(self, span, x, grad_out, prompts, timeout):
+    async def _call_backward(self, span, x, grad_out, prompts, cache_id):
         server = self._servers[span.peer]
-        return await server.handle("backward", server.backend.backward, x, prompts, grad_out, span.start, span.end)
+        return await server.handle(
+            "backward", server.backend.backward, x, prompts, grad_out, span.start, span.end, cache_id or None
+        )

@@ -11,6 +11,7 @@ import itertools
 import random
 import threading
 import time
+import uuid
 from typing import Any, Coroutine, Optional, Sequence
 
 import numpy as np
@@ -82,6 +83,8 @@ class SequenceManager(abc.ABC):
         self._banned: dict[str, float] = {}
         self._latency: dict[str, float] = {}
         self._rng = random.Random(seed)
+        self._client_id = uuid.uuid4().hex[:16]
+        self._cache_ids = itertools.count()
         self._refresh_task: Optional[asyncio.Task] = None
         self._last_refresh = -float("inf")
         self._background = _BackgroundLoop(name)
@@ -102,12 +105,16 @@ class SequenceManager(abc.ABC):
         """A fresh view of the swarm."""
 
     @abc.abstractmethod
-    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float) -> np.ndarray:
-        """One forward RPC; raises ``ServerFailure`` on any failure of the server or the wire."""
+    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
+        """One forward RPC; raises ``ServerFailure`` on any failure of the server or the wire.
+
+        ``cache_id`` names this forward so that the server may keep its activations for the
+        backward that follows with the same id (servers that don't, recompute).
+        """
 
     @abc.abstractmethod
     async def _call_backward(
-        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, timeout: float
+        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, cache_id: str
     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """One backward RPC; returns grad inputs and (if ``prompt_len > 0``) grad prompts."""
 
@@ -172,18 +179,24 @@ class SequenceManager(abc.ABC):
             pass
 
     # --- calls with validation -----------------------------------------------------------------
-    async def forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float) -> np.ndarray:
+    def new_cache_id(self) -> str:
+        """A fresh id for one span's forward, unique across clients."""
+        return f"{self._client_id}-{next(self._cache_ids)}"
+
+    async def forward(
+        self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float, cache_id: str = ""
+    ) -> np.ndarray:
         """Forward through one span; raises ``ServerFailure`` (``FaultyResponse`` for bad answers)."""
-        out = await self._guarded(self._call_forward(span, x, prompts, timeout), span, timeout)
+        out = await self._guarded(self._call_forward(span, x, prompts, cache_id), span, timeout)
         _check_tensor(span, "output", out, x.shape, x.dtype)
         return out
 
     async def backward(
-        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, timeout: float
+        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, timeout: float, cache_id: str = ""
     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Backward through one span; validates both gradients like ``forward`` validates outputs."""
         grad_x, grad_prompts = await self._guarded(
-            self._call_backward(span, x, grad_out, prompts, timeout), span, timeout
+            self._call_backward(span, x, grad_out, prompts, cache_id), span, timeout
         )
         _check_tensor(span, "grad_inputs", grad_x, x.shape, x.dtype)
         if prompts.shape[2] > 0:

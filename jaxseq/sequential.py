@@ -19,6 +19,15 @@ from jaxseq.manager import SequenceManager
 from jaxseq.routing import Span
 
 
+@dataclasses.dataclass(frozen=True)
+class SpanRun:
+    """A span whose forward is done: its input (kept for backward) and the id the server may cache it under."""
+
+    span: Span
+    inputs: np.ndarray
+    cache_id: str
+
+
 @dataclasses.dataclass
 class _Retries:
     """Failures at one position of the chain, bounded by ``max_retries`` and the call's deadline."""
@@ -63,13 +72,13 @@ class _Retries:
 
 async def chain_forward(
     manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, start: int, end: int, deadline: float
-) -> tuple[np.ndarray, list[tuple[Span, np.ndarray]]]:
+) -> tuple[np.ndarray, list["SpanRun"]]:
     """Run blocks ``start..end-1``; returns the output and each span done with its input.
 
     When a call fails, the rest of the chain is re-routed from the block where it failed; what is
     done is kept.
     """
-    done: list[tuple[Span, np.ndarray]] = []
+    done: list[SpanRun] = []
     plan: list[Span] = []
     pos = start
     retries = _Retries(manager, deadline, f"forward from block {start}")
@@ -79,12 +88,13 @@ async def chain_forward(
                 plan = manager.make_route(pos, end)
             span = plan[0]
             retries.what = f"forward of blocks {span.start}:{span.end}"
-            out = await manager.forward(span, x, prompts[span.start : span.end], retries.timeout())
+            cache_id = manager.new_cache_id()
+            out = await manager.forward(span, x, prompts[span.start : span.end], retries.timeout(), cache_id)
         except (ServerFailure, MissingBlocksError) as error:
             plan = []
             await retries.failed(error, pos)
             continue
-        done.append((span, x))
+        done.append(SpanRun(span, x, cache_id))
         x, pos = out, span.end
         plan.pop(0)
         retries.succeeded()
@@ -94,7 +104,7 @@ async def chain_forward(
 async def chain_backward(
     manager: SequenceManager,
     grad_out: np.ndarray,
-    done: list[tuple[Span, np.ndarray]],
+    done: list[SpanRun],
     prompts: np.ndarray,
     deadline: float,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -107,11 +117,12 @@ async def chain_backward(
     todo = list(done)
     retries = _Retries(manager, deadline, "backward")
     while todo:
-        span, x = todo.pop()
+        run = todo.pop()
+        span, x = run.span, run.inputs
         retries.what = f"backward of blocks {span.start}:{span.end}"
         try:
             grad_x, span_grad_prompts = await manager.backward(
-                span, x, grad_out, prompts[span.start : span.end], retries.timeout()
+                span, x, grad_out, prompts[span.start : span.end], retries.timeout(), run.cache_id
             )
         except ServerFailure as error:
             await retries.failed(error, span.start)
@@ -133,7 +144,7 @@ def micro_batches(batch: int, seq: int, max_tokens: int) -> list[slice]:
 
 async def sequential_forward(
     manager: SequenceManager, x: np.ndarray, prompts: np.ndarray
-) -> tuple[np.ndarray, list[list[tuple[Span, np.ndarray]]]]:
+) -> tuple[np.ndarray, list[list["SpanRun"]]]:
     """Forward through the whole chain, micro-batches concurrently; returns outputs and per-batch spans."""
     deadline = time.monotonic() + manager.config.deadline
     parts = micro_batches(x.shape[0], x.shape[1], manager.config.max_tokens_in_batch)
@@ -148,7 +159,7 @@ async def sequential_backward(
     x: np.ndarray,
     prompts: np.ndarray,
     grad_out: np.ndarray,
-    done: Optional[list[list[tuple[Span, np.ndarray]]]] = None,
+    done: Optional[list[list["SpanRun"]]] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gradients w.r.t. ``x`` and ``prompts``; ``done`` is forward's saved state, or None to recompute it."""
     deadline = time.monotonic() + manager.config.deadline

@@ -162,8 +162,8 @@ def test_faulty_server_is_banned_and_routed_around(tiny_cfg, tiny_params, make_s
     liar = swarm.servers[0]
     honest_forward = liar.backend.forward
 
-    def lying_forward(x, prompts, start, end):
-        out = honest_forward(x, prompts, start, end)
+    def lying_forward(x, prompts, start, end, cache_key=None):
+        out = honest_forward(x, prompts, start, end, cache_key)
         return {"nan": lambda: np.full_like(out, np.nan), "shape": lambda: out[:, :-1], "dtype": lambda: out.astype(np.float16)}[lie]()
 
     liar.backend.forward = lying_forward

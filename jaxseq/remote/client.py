@@ -158,17 +158,19 @@ class RemoteSequenceManager(SequenceManager):
         return time.perf_counter() - start
 
     # --- the wire ------------------------------------------------------------------------------
-    def _metadata(self) -> dict:
+    def _metadata(self, cache_id: str) -> dict:
         metadata = {"points": 0.0, "active_adapter": ""}
+        if cache_id:
+            metadata[protocol.CACHE_ID_KEY] = cache_id
         if self.config.compression != "none":
             metadata["output_compression"] = (int(protocol.COMPRESSIONS[self.config.compression]),)
         return metadata
 
-    async def _call(self, span: Span, rpc: tuple[str, str], arrays: list) -> list[np.ndarray]:
+    async def _call(self, span: Span, rpc: tuple[str, str], arrays: list, cache_id: str) -> list[np.ndarray]:
         uids = protocol.span_uids(self.dht_prefix, span.start, span.end)
         t0 = time.perf_counter()
         requests, streamed = await asyncio.to_thread(
-            protocol.make_requests, uids, arrays, self._metadata(), self.config.compression
+            protocol.make_requests, uids, arrays, self._metadata(cache_id), self.config.compression
         )
         peer = PeerID.from_base58(span.peer)
         try:
@@ -212,17 +214,17 @@ class RemoteSequenceManager(SequenceManager):
             return array.astype(dtype)
         return array
 
-    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float) -> np.ndarray:
+    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
         arrays = [x, prompts if prompts.shape[2] else None]
-        outputs = await self._call(span, (protocol.RPC_FORWARD, protocol.RPC_FORWARD_STREAM), arrays)
+        outputs = await self._call(span, (protocol.RPC_FORWARD, protocol.RPC_FORWARD_STREAM), arrays, cache_id)
         if len(outputs) != 1:
             raise FaultyResponse(span.peer, f"forward returned {len(outputs)} tensors, expected 1")
         return self._as_requested(span, outputs[0], x.dtype)
 
-    async def _call_backward(self, span, x, grad_out, prompts, timeout):
+    async def _call_backward(self, span, x, grad_out, prompts, cache_id):
         with_prompts = prompts.shape[2] > 0
         arrays = [x, grad_out, prompts if with_prompts else None]
-        grads = await self._call(span, (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM), arrays)
+        grads = await self._call(span, (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM), arrays, cache_id)
         if len(grads) != 1 + with_prompts:
             raise FaultyResponse(span.peer, f"backward returned {len(grads)} tensors, expected {1 + with_prompts}")
         grad_x = self._as_requested(span, grads[0], x.dtype)

@@ -63,39 +63,41 @@ class TransformerConnectionHandler(ServicerBase):
 
     # --- forward -------------------------------------------------------------------------------
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        (response,) = await self._forward(protocol.read_unary(request), stream=False)
+        (response,) = await self._forward(protocol.read_unary(request), context, stream=False)
         return response
 
     async def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         request = await protocol.read_stream(requests, self.max_request_bytes)
-        for part in await self._forward(request, stream=True):
+        for part in await self._forward(request, context, stream=True):
             yield part
 
-    async def _forward(self, request: Request, stream: bool) -> list[runtime_pb2.ExpertResponse]:
+    async def _forward(self, request: Request, context: P2PContext, stream: bool) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
         hidden, prompts = validation.forward_inputs(request.arrays, end - start, self.limits)
-        out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end)
+        key = self._cache_key(request, context)
+        out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key)
         return protocol.response_parts([out], self._reply_compression(request.metadata, 1), stream, timing)
 
     # --- backward ------------------------------------------------------------------------------
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        (response,) = await self._backward(protocol.read_unary(request), stream=False)
+        (response,) = await self._backward(protocol.read_unary(request), context, stream=False)
         return response
 
     async def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         request = await protocol.read_stream(requests, self.max_request_bytes)
-        for part in await self._backward(request, stream=True):
+        for part in await self._backward(request, context, stream=True):
             yield part
 
-    async def _backward(self, request: Request, stream: bool) -> list[runtime_pb2.ExpertResponse]:
+    async def _backward(self, request: Request, context: P2PContext, stream: bool) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
         inputs, grad_outputs, prompts = validation.backward_inputs(request.arrays, end - start, self.limits)
+        key = self._cache_key(request, context)
         (grad_inputs, grad_prompts), timing = await self._compute(
-            self.backend.backward, inputs, prompts, grad_outputs, start, end
+            self.backend.backward, inputs, prompts, grad_outputs, start, end, key
         )
         grads = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
         compression = self._reply_compression(request.metadata, len(grads))
@@ -109,6 +111,12 @@ class TransformerConnectionHandler(ServicerBase):
                 f"this server holds blocks {self.backend.first}:{self.backend.end}, not all of {start}:{end}"
             )
         return start, end
+
+    @staticmethod
+    def _cache_key(request: Request, context: P2PContext):
+        """Cache entries belong to the client that made them: keyed by its peer id too."""
+        cache_id = protocol.cache_id(request.metadata)
+        return None if cache_id is None else (context.remote_id.to_base58(), cache_id)
 
     def _reply_compression(self, metadata: dict, n_tensors: int) -> str:
         """Petals' ``output_compression``: one hivemind compression code per reply tensor (we use the first)."""

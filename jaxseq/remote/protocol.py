@@ -33,6 +33,9 @@ RPC_BACKWARD_STREAM = f"{HANDLER}.rpc_backward_stream"
 
 CHAIN_DELIMITER = " "
 MODELS_KEY = "_petals.models"
+# Request metadata key naming a forward whose activations a jaxseq server may keep for the backward
+# that follows with the same id; Petals servers ignore unknown keys, Petals clients never send it.
+CACHE_ID_KEY = "jaxseq_cache_id"
 STREAM_THRESHOLD = MAX_UNARY_PAYLOAD_SIZE // 2
 
 COMPRESSIONS = {
@@ -130,6 +133,12 @@ def decode_metadata(raw: bytes) -> dict:
     if not isinstance(metadata, dict):
         raise ProtocolError(f"metadata must be a msgpack map, got {type(metadata).__name__}")
     return metadata
+
+
+def cache_id(metadata: Mapping[str, Any]) -> Optional[str]:
+    """The request's cache id, if it sent a well-formed one (a string of at most 128 characters)."""
+    value = metadata.get(CACHE_ID_KEY)
+    return value if isinstance(value, str) and 0 < len(value) <= 128 else None
 
 
 def make_requests(

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=float, default=1024, help="most MiB of tensor data in one streamed request")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
     p.add_argument("--update-period", type=float, default=60.0, help="seconds between DHT announcements")
+    p.add_argument("--cache-mb", type=float, default=1024, help="MiB of forward activations kept for backward (LRU)")
+    p.add_argument("--cache-ttl", type=float, default=120.0, help="seconds a kept activation may wait for its backward")
     p.add_argument("--log-level", default="WARNING", help="Python logging level")
     return p
 
@@ -84,7 +86,9 @@ def _visible_maddr(dht: hivemind.DHT) -> str:
 async def serve(args: argparse.Namespace, stop: Optional[asyncio.Event] = None) -> None:
     start, end = args.blocks
     cfg, params = load_checkpoint(args.checkpoint, blocks=range(start, end), dtype=DTYPES[args.dtype])
-    backend = BlockBackend(cfg, params, first=start)
+    backend = BlockBackend(
+        cfg, params, first=start, cache_bytes=int(args.cache_mb * 2**20), cache_ttl=args.cache_ttl
+    )
     throughput = args.throughput or measure_throughput(backend)
     expiration = max(2 * args.update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS)
 
