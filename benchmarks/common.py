@@ -33,6 +33,21 @@ def median_time(fn: Callable[[], object], steps: int, warmup: int = 2) -> float:
     return statistics.median(timed(fn) for _ in range(steps))
 
 
+def paired_times(step: Callable[[], object], baseline: Callable[[], object], steps: int, warmup: int = 2):
+    """Median seconds of ``step`` and of ``baseline``, and the median of their per-pair ratios.
+
+    The two alternate, so that drift in a noisy machine's speed hits both alike.
+    """
+    for _ in range(warmup):
+        step(), baseline()
+    pairs = [(timed(step), timed(baseline)) for _ in range(steps)]
+    return (
+        statistics.median(s for s, _ in pairs),
+        statistics.median(b for _, b in pairs),
+        statistics.median(s / b for s, b in pairs),
+    )
+
+
 def inputs(cfg: jaxseq.LlamaConfig = CFG, batch: int = BATCH, seq: int = SEQ, prompt_len: int = PROMPT_LEN):
     x = jax.random.normal(jax.random.key(1), (batch, seq, cfg.hidden_size), jnp.float32)
     prompts = 0.1 * jax.random.normal(jax.random.key(2), (cfg.num_hidden_layers, batch, prompt_len, cfg.hidden_size))

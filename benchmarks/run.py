@@ -1,6 +1,7 @@
 """One table: a training step locally under jit, through a ``LocalSwarm``, and through real
 ``jaxseq-server`` processes on loopback (1 server x 8 blocks, 2 servers x 4 blocks), each as a ratio
-to local; where a remote step's time goes; and the wire's throughput on one large forward.
+to local (remote and local steps alternate; the ratio is the median of per-pair ratios); where a
+remote step's time goes; and the wire's throughput on one large forward.
 
     python benchmarks/run.py [--steps 10]
 """
@@ -20,7 +21,7 @@ import jaxseq
 from jaxseq.remote import RemoteSequenceManager
 from jaxseq.remote.launch import ServerProcess
 
-from common import CFG, BATCH, PROMPT_LEN, SEQ, inputs, machine, median_time, timed, training_step
+from common import CFG, BATCH, PROMPT_LEN, SEQ, inputs, machine, median_time, paired_times, training_step
 
 
 def memcpy_gbps(nbytes: int = 64 << 20) -> float:
@@ -67,17 +68,17 @@ def main() -> None:
 
     params = jaxseq.init_block_params(CFG, jax.random.key(0))
     x, prompts = inputs()
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, float, float, float]] = []  # name, median s, median local s, median ratio
 
     local_step = training_step(lambda x, p: jaxseq.local_sequential(CFG, params, x, p))
-    local = median_time(lambda: jax.block_until_ready(local_step(x, prompts)), args.steps)
+    local = lambda: jax.block_until_ready(local_step(x, prompts))  # noqa: E731
     local_fwd = jax.jit(lambda x, p: jaxseq.local_sequential(CFG, params, x, p))
-    rows.append(("local jit, forward only", median_time(lambda: local_fwd(x, prompts).block_until_ready(), args.steps)))
-    rows.append(("local jit", local))
+    rows.append(("local jit, forward only", *paired_times(lambda: local_fwd(x, prompts).block_until_ready(), local, args.steps)))
+    rows.append(("local jit", *paired_times(local, local, args.steps)))
 
     with jaxseq.LocalSwarm(CFG, params, [(0, 8)]).sequence_manager() as manager:
         step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
-        rows.append(("LocalSwarm, 1 x 8 blocks", median_time(lambda: jax.block_until_ready(step(x, prompts)), args.steps)))
+        rows.append(("LocalSwarm, 1 x 8 blocks", *paired_times(lambda: jax.block_until_ready(step(x, prompts)), local, args.steps)))
 
     breakdowns = {}
     wire = None
@@ -86,11 +87,10 @@ def main() -> None:
         for name, spans in [("loopback, 1 server x 8 blocks", [(0, 8)]), ("loopback, 2 servers x 4 blocks", [(0, 4), (4, 8)])]:
             with loopback_swarm(checkpoint, spans, f"bench{len(spans)}") as manager:
                 step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
-                median = median_time(lambda: jax.block_until_ready(step(x, prompts)), args.steps)
+                rows.append((name, *paired_times(lambda: jax.block_until_ready(step(x, prompts)), local, args.steps)))
                 since = len(manager.timings)
                 jax.block_until_ready(step(x, prompts))
                 breakdowns[name] = breakdown(manager, since)
-                rows.append((name, median))
                 if len(spans) == 1:  # one large forward: 16 x 512 tokens of hidden 512 = 16 MiB each way
                     big = jax.random.normal(jax.random.key(3), (16, 512, CFG.hidden_size))
                     forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
@@ -105,9 +105,9 @@ def main() -> None:
     print(f"{CFG.num_hidden_layers} blocks, hidden {CFG.hidden_size}, intermediate {CFG.intermediate_size}, "
           f"{CFG.num_attention_heads} heads; batch {BATCH} x {SEQ}, {PROMPT_LEN} deep prompts, float32; "
           f"forward + backward w.r.t. inputs and prompts; median of {args.steps} steps\n")
-    print(f"{'training step':<34}{'median ms':>10}{'/ local':>9}")
-    for name, seconds in rows:
-        print(f"{name:<34}{1000 * seconds:>10.1f}{seconds / local:>9.2f}")
+    print(f"{'training step':<34}{'median ms':>10}{'local ms':>10}{'/ local':>9}")
+    for name, seconds, local_seconds, ratio in rows:
+        print(f"{name:<34}{1000 * seconds:>10.1f}{1000 * local_seconds:>10.1f}{ratio:>9.2f}")
     for name, parts in breakdowns.items():
         print(f"\nwhere one step's remote calls spend their time ({name}), ms:")
         for part, seconds in parts.items():

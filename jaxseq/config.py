@@ -59,7 +59,9 @@ class ClientConfig:
             was dropped recomputes the forward instead of failing.
         compression: wire compression of tensors, both ways: one of ``jaxseq.remote.protocol.COMPRESSIONS``
             ("none", "float16", "meanstd16", "uniform8bit", "quantile8bit").
-        allowed_servers: if given, only these server peer ids (base58) are ever routed to.
+        allowed_servers: if given, only these server peer ids (base58) are ever routed to (a private swarm).
+        verify_fraction: fraction of spans (forward and backward) re-run on a second server and compared;
+            on disagreement a third server decides and the outlier is banned. 0 disables it.
 
     Example:
         >>> cfg = ClientConfig(max_retries=3, deadline=30.0)
@@ -77,6 +79,7 @@ class ClientConfig:
     max_saved_states: int = 16
     compression: str = "none"
     allowed_servers: Optional[tuple[str, ...]] = None
+    verify_fraction: float = 0.0
 
     def __post_init__(self):
         for name in ("deadline", "request_timeout", "connect_timeout", "max_backoff", "update_period"):
@@ -92,6 +95,8 @@ class ClientConfig:
             raise ValueError(
                 f"unknown compression {self.compression!r}; use none, float16, meanstd16, uniform8bit or quantile8bit"
             )
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be within [0, 1], got {self.verify_fraction}")
         if self.allowed_servers is not None:
             object.__setattr__(self, "allowed_servers", tuple(self.allowed_servers))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import contextlib
 import itertools
 import random
 import threading
@@ -18,7 +19,7 @@ import numpy as np
 
 from jaxseq.config import ClientConfig
 from jaxseq.errors import FaultyResponse, ServerFailure
-from jaxseq.routing import ServerRecord, Span, route
+from jaxseq.routing import ServerRecord, ServerState, Span, route
 
 
 class _BackgroundLoop:
@@ -83,6 +84,8 @@ class SequenceManager(abc.ABC):
         self._banned: dict[str, float] = {}
         self._latency: dict[str, float] = {}
         self._rng = random.Random(seed)
+        self.verified_spans = self.unverified_spans = self.disagreements = 0
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
         self._client_id = uuid.uuid4().hex[:16]
         self._cache_ids = itertools.count()
         self._refresh_task: Optional[asyncio.Task] = None
@@ -156,6 +159,20 @@ class SequenceManager(abc.ABC):
         self._banned = {p: t for p, t in self._banned.items() if now - t < self.config.ban_timeout}
         return route(self._records, start, end, banned=self._banned, latency=self._latency, rng=self._rng)
 
+    def alternatives(self, span: Span) -> list[str]:
+        """Other online, unbanned servers holding all of ``span``, fastest first (for cross-checks)."""
+        now = time.monotonic()
+        holders = [
+            r for r in self._records
+            if r.state == ServerState.ONLINE and r.start <= span.start and span.end <= r.end and r.peer != span.peer
+            and now - self._banned.get(r.peer, -float("inf")) >= self.config.ban_timeout
+        ]  # fmt: skip
+        return [r.peer for r in sorted(holders, key=lambda r: -r.throughput)]
+
+    def should_verify(self) -> bool:
+        """Whether to cross-check the span just computed (a ``config.verify_fraction`` sample)."""
+        return self.config.verify_fraction > 0 and self._rng.random() < self.config.verify_fraction
+
     def ban(self, peer: str) -> None:
         """Avoid ``peer`` for ``config.ban_timeout`` seconds."""
         self._banned[peer] = time.monotonic()
@@ -187,21 +204,36 @@ class SequenceManager(abc.ABC):
         self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float, cache_id: str = ""
     ) -> np.ndarray:
         """Forward through one span; raises ``ServerFailure`` (``FaultyResponse`` for bad answers)."""
-        out = await self._guarded(self._call_forward(span, x, prompts, cache_id), span, timeout)
-        _check_tensor(span, "output", out, x.shape, x.dtype)
+        with self._counted(span):
+            out = await self._guarded(self._call_forward(span, x, prompts, cache_id), span, timeout)
+            _check_tensor(span, "output", out, x.shape, x.dtype)
         return out
 
     async def backward(
         self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, timeout: float, cache_id: str = ""
     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Backward through one span; validates both gradients like ``forward`` validates outputs."""
-        grad_x, grad_prompts = await self._guarded(
-            self._call_backward(span, x, grad_out, prompts, cache_id), span, timeout
-        )
-        _check_tensor(span, "grad_inputs", grad_x, x.shape, x.dtype)
-        if prompts.shape[2] > 0:
-            _check_tensor(span, "grad_prompts", grad_prompts, prompts.shape, prompts.dtype)
+        with self._counted(span):
+            grad_x, grad_prompts = await self._guarded(
+                self._call_backward(span, x, grad_out, prompts, cache_id), span, timeout
+            )
+            _check_tensor(span, "grad_inputs", grad_x, x.shape, x.dtype)
+            if prompts.shape[2] > 0:
+                _check_tensor(span, "grad_prompts", grad_prompts, prompts.shape, prompts.dtype)
         return grad_x, grad_prompts
+
+    @contextlib.contextmanager
+    def _counted(self, span: Span):
+        """Count each call's outcome per peer in ``outcomes``: ok, faulty, error or unreachable."""
+        try:
+            yield
+        except FaultyResponse:
+            self.outcomes[span.peer, "faulty"] += 1
+            raise
+        except ServerFailure as failure:
+            self.outcomes[span.peer, "error" if failure.reachable else "unreachable"] += 1
+            raise
+        self.outcomes[span.peer, "ok"] += 1
 
     async def _guarded(self, call: Coroutine, span: Span, timeout: float):
         start = time.monotonic()

@@ -17,6 +17,7 @@ import numpy as np
 from jaxseq.errors import MissingBlocksError, RemoteCallError, ServerFailure, SwarmError
 from jaxseq.manager import SequenceManager
 from jaxseq.routing import Span
+from jaxseq.verification import verified
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,17 @@ async def chain_forward(
             span = plan[0]
             retries.what = f"forward of blocks {span.start}:{span.end}"
             cache_id = manager.new_cache_id()
-            out = await manager.forward(span, x, prompts[span.start : span.end], retries.timeout(), cache_id)
+            span_prompts = prompts[span.start : span.end]
+            out = await manager.forward(span, x, span_prompts, retries.timeout(), cache_id)
+            if manager.should_verify():
+                ids = {span.peer: cache_id}
+
+                async def rerun(other: Span) -> np.ndarray:
+                    ids[other.peer] = manager.new_cache_id()
+                    return await manager.forward(other, x, span_prompts, retries.timeout(), ids[other.peer])
+
+                span, out = await verified(manager, span, out, rerun)
+                cache_id = ids[span.peer]
         except (ServerFailure, MissingBlocksError) as error:
             plan = []
             await retries.failed(error, pos)
@@ -120,10 +131,16 @@ async def chain_backward(
         run = todo.pop()
         span, x = run.span, run.inputs
         retries.what = f"backward of blocks {span.start}:{span.end}"
+        span_prompts = prompts[span.start : span.end]
         try:
-            grad_x, span_grad_prompts = await manager.backward(
-                span, x, grad_out, prompts[span.start : span.end], retries.timeout(), run.cache_id
-            )
+            grads = await manager.backward(span, x, grad_out, span_prompts, retries.timeout(), run.cache_id)
+            if manager.should_verify():
+
+                async def rerun(other: Span):
+                    return await manager.backward(other, x, grad_out, span_prompts, retries.timeout())
+
+                _, grads = await verified(manager, span, grads, rerun, as_tuple=lambda g: g)
+            grad_x, span_grad_prompts = grads
         except ServerFailure as error:
             await retries.failed(error, span.start)
             _, redone = await chain_forward(manager, x, prompts, span.start, span.end, deadline)

@@ -47,6 +47,10 @@ _UNREACHABLE = (P2PDaemonError, ConnectionError, OSError, EOFError, asyncio.Inco
 class RemoteSequenceManager(SequenceManager):
     """Routes ``remote_sequential`` through the servers of the model ``dht_prefix`` in a hivemind swarm.
 
+    ``config.allowed_servers`` restricts routing to listed server peer ids (a private swarm);
+    ``identity_path`` (a key file, created if missing) gives this client a stable peer id that
+    servers can allow-list.
+
     Example:
         >>> with RemoteSequenceManager(["/ip4/127.0.0.1/tcp/31337/p2p/Qm..."], "my-llama") as manager:  # doctest: +SKIP
         ...     y = jax.jit(lambda x: remote_sequential(x, None, manager))(x)
@@ -60,6 +64,7 @@ class RemoteSequenceManager(SequenceManager):
         *,
         num_blocks: Optional[int] = None,
         host_maddrs: Iterable[str] = ("/ip4/127.0.0.1/tcp/0",),
+        identity_path: Optional[str] = None,
         seed: Optional[int] = None,
     ):
         super().__init__(config, seed=seed, name=f"jaxseq-client-{dht_prefix}")
@@ -70,8 +75,9 @@ class RemoteSequenceManager(SequenceManager):
         self.dht = None
         try:
             try:
+                identity = {"identity_path": identity_path} if identity_path else {}
                 self.dht = dht_records.start_dht(
-                    initial_peers=list(initial_peers), client_mode=True, host_maddrs=list(host_maddrs)
+                    initial_peers=list(initial_peers), client_mode=True, host_maddrs=list(host_maddrs), **identity
                 )
             except P2PDaemonError as error:
                 raise ConnectionError(
@@ -116,6 +122,11 @@ class RemoteSequenceManager(SequenceManager):
     @property
     def num_blocks(self) -> int:
         return self._num_blocks
+
+    @property
+    def peer_id(self) -> str:
+        """This client's peer id (base58): what a server's ``--allowed-clients`` lists. Stable with ``identity_path``."""
+        return self.dht.peer_id.to_base58()
 
     @property
     def hidden_size(self) -> Optional[int]:

@@ -1,14 +1,15 @@
 """The server's RPC handlers: Petals 2.2's ``TransformerConnectionHandler`` interface over a ``BlockBackend``.
 
-Each request is parsed (``protocol``), validated (``validation``), then computed by the backend in a
-worker thread, one at a time (a computation already uses every core), with a bounded wait.
+Each request is checked against the client allow-list (before reading anything), parsed
+(``protocol``), validated (``validation``), then computed by the backend in a worker thread,
+one at a time (a computation already uses every core), first come first served, with a bounded queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterable, Optional
 
 import torch
 from hivemind.p2p import P2PContext, ServicerBase
@@ -20,6 +21,35 @@ from jaxseq.remote import protocol, validation
 from jaxseq.remote.protocol import ProtocolError, Request
 
 _COMPRESSION_BY_CODE = {code: name for name, code in protocol.COMPRESSIONS.items()}
+
+
+class ComputeQueue:
+    """Runs computations one at a time in arrival order; refuses new ones when ``max_waiting`` already wait.
+
+    A computation that outlives its caller (a request timeout) still holds the queue until it ends,
+    so the server never runs two at once.
+    """
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self._lock = asyncio.Lock()
+
+    async def run(self, fn, *args) -> tuple[object, dict]:
+        """``fn(*args)`` in a worker thread; returns its result and ``{"wait_s", "compute_s"}``."""
+        if self.waiting >= self.max_waiting:
+            raise RuntimeError(f"server busy: {self.waiting} requests already queued; retry later or elsewhere")
+        arrived = time.perf_counter()
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        started = time.perf_counter()
+        computation = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        computation.add_done_callback(lambda _: self._lock.release())
+        result = await asyncio.shield(computation)
+        return result, {"wait_s": started - arrived, "compute_s": time.perf_counter() - started}
 
 
 class TransformerConnectionHandler(ServicerBase):
@@ -37,6 +67,8 @@ class TransformerConnectionHandler(ServicerBase):
         max_tokens: int = 65536,
         max_request_bytes: int = 1 << 30,
         request_timeout: float = 300.0,
+        max_queue: int = 64,
+        allowed_clients: Optional[Iterable[str]] = None,
     ):
         self.backend = backend
         self.dht_prefix = dht_prefix
@@ -44,10 +76,12 @@ class TransformerConnectionHandler(ServicerBase):
         self.limits = validation.Limits(backend.cfg.hidden_size, max_tokens)
         self.max_request_bytes = max_request_bytes
         self.request_timeout = request_timeout
-        self._compute_lock = asyncio.Lock()
+        self.queue = ComputeQueue(max_queue)
+        self.allowed_clients = None if allowed_clients is None else frozenset(allowed_clients)
 
     # --- rpc_info ------------------------------------------------------------------------------
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        self._check_client(context)
         info = {"version": self.version, "dht_client_mode": False, "cache_tokens_available": 0}
         if request.uid:
             self._served(request.uid)
@@ -63,12 +97,14 @@ class TransformerConnectionHandler(ServicerBase):
 
     # --- forward -------------------------------------------------------------------------------
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        self._check_client(context)
         (response,) = await self._forward(protocol.read_unary(request), context, stream=False)
         return response
 
     async def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        self._check_client(context)
         request = await protocol.read_stream(requests, self.max_request_bytes)
         for part in await self._forward(request, context, stream=True):
             yield part
@@ -82,12 +118,14 @@ class TransformerConnectionHandler(ServicerBase):
 
     # --- backward ------------------------------------------------------------------------------
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        self._check_client(context)
         (response,) = await self._backward(protocol.read_unary(request), context, stream=False)
         return response
 
     async def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        self._check_client(context)
         request = await protocol.read_stream(requests, self.max_request_bytes)
         for part in await self._backward(request, context, stream=True):
             yield part
@@ -112,6 +150,13 @@ class TransformerConnectionHandler(ServicerBase):
             )
         return start, end
 
+    def _check_client(self, context: P2PContext) -> None:
+        if self.allowed_clients is not None and context.remote_id.to_base58() not in self.allowed_clients:
+            raise PermissionError(
+                f"peer {context.remote_id.to_base58()} is not on this server's client allow-list; "
+                "ask its operator to add your peer id (--allowed-clients)"
+            )
+
     @staticmethod
     def _cache_key(request: Request, context: P2PContext):
         """Cache entries belong to the client that made them: keyed by its peer id too."""
@@ -128,16 +173,7 @@ class TransformerConnectionHandler(ServicerBase):
         return _COMPRESSION_BY_CODE[codes[0]]
 
     async def _compute(self, fn, *args) -> tuple[object, dict]:
-        """``fn(*args)`` in a worker thread, one at a time; returns its result and ``{"wait_s", "compute_s"}``."""
-
-        async def locked():
-            arrived = time.perf_counter()
-            async with self._compute_lock:
-                started = time.perf_counter()
-                result = await asyncio.to_thread(fn, *args)
-                return result, {"wait_s": started - arrived, "compute_s": time.perf_counter() - started}
-
         try:
-            return await asyncio.wait_for(locked(), self.request_timeout)
+            return await asyncio.wait_for(self.queue.run(fn, *args), self.request_timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"request took longer than the server's limit of {self.request_timeout} s") from None

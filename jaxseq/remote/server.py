@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-period", type=float, default=60.0, help="seconds between DHT announcements")
     p.add_argument("--cache-mb", type=float, default=1024, help="MiB of forward activations kept for backward (LRU)")
     p.add_argument("--cache-ttl", type=float, default=120.0, help="seconds a kept activation may wait for its backward")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for compute; more get 'server busy'")
+    p.add_argument("--allowed-clients", nargs="+", metavar="PEER_ID", help="serve only these client peer ids (base58)")
+    p.add_argument("--identity", help="file with this server's private key (created if missing): a stable peer id")
     p.add_argument("--log-level", default="WARNING", help="Python logging level")
     return p
 
@@ -92,7 +95,8 @@ async def serve(args: argparse.Namespace, stop: Optional[asyncio.Event] = None) 
     throughput = args.throughput or measure_throughput(backend)
     expiration = max(2 * args.update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS)
 
-    dht = dht_records.start_dht(initial_peers=args.initial_peers or [], host_maddrs=args.host_maddrs)
+    identity = {"identity_path": args.identity} if args.identity else {}
+    dht = dht_records.start_dht(initial_peers=args.initial_peers or [], host_maddrs=args.host_maddrs, **identity)
     p2p = await dht.replicate_p2p()
     try:
         handler = TransformerConnectionHandler(
@@ -102,6 +106,8 @@ async def serve(args: argparse.Namespace, stop: Optional[asyncio.Event] = None) 
             max_tokens=args.max_tokens,
             max_request_bytes=int(args.max_request_mb * 2**20),
             request_timeout=args.request_timeout,
+            max_queue=args.max_queue,
+            allowed_clients=args.allowed_clients,
         )
         await handler.add_p2p_handlers(p2p)
 
