@@ -159,6 +159,11 @@ class RemoteSequenceManager(SequenceManager):
             self.dht = None
         super().close()
 
+    def server_info(self, peer: str, block: Optional[int] = None) -> dict:
+        """A server's ``rpc_info`` reply (with ``block``, also that block's schemas)."""
+        uid = "" if block is None else protocol.block_uid(self.dht_prefix, block)
+        return self.run(asyncio.wait_for(self._rpc_info(peer, uid), self.config.request_timeout))
+
     async def ping(self, peer: str) -> Optional[float]:
         """Round-trip seconds of an ``rpc_info`` call to ``peer``, or None if it does not answer in time."""
         start = time.perf_counter()

@@ -77,12 +77,18 @@ class TransformerConnectionHandler(ServicerBase):
         self.max_request_bytes = max_request_bytes
         self.request_timeout = request_timeout
         self.queue = ComputeQueue(max_queue)
+        self.computed = {"forward": 0, "backward": 0}
         self.allowed_clients = None if allowed_clients is None else frozenset(allowed_clients)
 
     # --- rpc_info ------------------------------------------------------------------------------
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         self._check_client(context)
-        info = {"version": self.version, "dht_client_mode": False, "cache_tokens_available": 0}
+        info = {
+            "version": self.version,
+            "dht_client_mode": False,
+            "cache_tokens_available": 0,
+            "jaxseq_computed": dict(self.computed),  # requests computed, by stage (Petals clients ignore it)
+        }
         if request.uid:
             self._served(request.uid)
             dtype = getattr(torch, str(self.backend.dtype))
@@ -114,6 +120,7 @@ class TransformerConnectionHandler(ServicerBase):
         hidden, prompts = validation.forward_inputs(request.arrays, end - start, self.limits)
         key = self._cache_key(request, context)
         out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key)
+        self.computed["forward"] += 1
         return protocol.response_parts([out], self._reply_compression(request.metadata, 1), stream, timing)
 
     # --- backward ------------------------------------------------------------------------------
@@ -137,6 +144,7 @@ class TransformerConnectionHandler(ServicerBase):
         (grad_inputs, grad_prompts), timing = await self._compute(
             self.backend.backward, inputs, prompts, grad_outputs, start, end, key
         )
+        self.computed["backward"] += 1
         grads = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
         compression = self._reply_compression(request.metadata, len(grads))
         return protocol.response_parts(grads, compression, stream, timing)

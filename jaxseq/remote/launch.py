@@ -28,8 +28,9 @@ class ServerProcess:
     """
 
     def __init__(self, checkpoint: str, blocks: tuple[int, int], dht_prefix: str,
-                 initial_peers: Optional[Sequence[str]] = None, extra_args: Sequence[str] = ()):
-        args = [sys.executable, "-m", "jaxseq.remote.server", "--checkpoint", str(checkpoint),
+                 initial_peers: Optional[Sequence[str]] = None, extra_args: Sequence[str] = (),
+                 command: Sequence[str] = (sys.executable, "-m", "jaxseq.remote.server")):
+        args = [*command, "--checkpoint", str(checkpoint),
                 "--blocks", f"{blocks[0]}:{blocks[1]}", "--dht-prefix", dht_prefix, *extra_args]
         args += ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
         self.blocks = blocks

@@ -1,0 +1,125 @@
+"""Real servers that lie or hang, private swarms: jaxseq keeps working, loses nothing and trusts no one."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxseq
+from jaxseq.remote import RemoteSequenceManager
+from jaxseq.remote.launch import ServerProcess
+from conftest import rel_err
+
+pytestmark = pytest.mark.network
+TOL = 1e-5
+LYING_SERVER = (sys.executable, str(Path(__file__).with_name("lying_server.py")))
+
+
+def _step(blocks):
+    def loss(x, p):
+        out = blocks(x, p)
+        return jnp.sum(jnp.sin(out)), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def _assert_equal(got, want):
+    ((_, out), grads), ((_, out_ref), grads_ref) = got, want
+    assert rel_err(out, out_ref) < TOL
+    for g, r in zip(grads, grads_ref):
+        assert rel_err(g, r) < TOL
+
+
+@pytest.fixture
+def servers(checkpoint):
+    started: list[ServerProcess] = []
+
+    def start(blocks, prefix, peers=None, args=(), command=None):
+        kwargs = {"command": command} if command else {}
+        server = ServerProcess(str(checkpoint[0]), blocks, prefix, peers, ["--update-period", "5", *args], **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+def test_lying_and_hanging_servers_are_caught(checkpoint, servers):
+    _, cfg, params = checkpoint
+    honest = [servers((0, 4), "liars", args=["--throughput", "1000"]).wait_ready()]
+    honest.append(servers((0, 4), "liars", [honest[0].maddr], ["--throughput", "1000"]))
+    liars = {lie: servers((0, 4), "liars", [honest[0].maddr], command=(*LYING_SERVER, lie)) for lie in ("nan", "shape", "noise", "hang")}
+    for server in [honest[1], *liars.values()]:
+        server.wait_ready()
+    request_timeout = 3.0
+    config = jaxseq.ClientConfig(
+        verify_fraction=1.0, request_timeout=request_timeout, ban_timeout=0.5, min_backoff=0.05, max_backoff=0.2,
+        max_retries=50, deadline=120.0,
+    )
+    x = jax.random.normal(jax.random.key(0), (2, 6, cfg.hidden_size))
+    prompts = 0.5 * jax.random.normal(jax.random.key(1), (4, 2, 2, cfg.hidden_size))
+    local = _step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))(x, prompts)
+    with RemoteSequenceManager([honest[0].maddr], "liars", config) as manager:
+        step = _step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+        peer = {lie: server.peer_id for lie, server in liars.items()}
+        contacted = lambda lie: sum(n for (p, _), n in manager.outcomes.items() if p == peer[lie])  # noqa: E731
+        started = time.monotonic()
+        for _ in range(30):  # until every liar has been routed to at least once
+            _assert_equal(step(x, prompts), local)
+            if all(contacted(lie) for lie in liars):
+                break
+        elapsed = time.monotonic() - started
+        assert all(contacted(lie) for lie in liars), manager.outcomes
+        outcomes = manager.outcomes
+        for lie in ("nan", "shape"):  # caught and banned in 100% of calls
+            assert outcomes[peer[lie], "ok"] == 0 and outcomes[peer[lie], "faulty"] == contacted(lie)
+        # The noisy one answers plausibly; each of its answers was cross-checked and outvoted.
+        assert outcomes[peer["noise"], "ok"] >= 1
+        assert outcomes[peer["noise"], "outvoted"] == outcomes[peer["noise"], "ok"]
+        # The hanging one never answered; each call cost at most the request timeout (the rest of the
+        # run, with every step's cross-checks, takes a few seconds here).
+        assert outcomes[peer["hang"], "ok"] == 0 and outcomes[peer["hang"], "unreachable"] == contacted("hang")
+        assert elapsed < contacted("hang") * request_timeout + 30.0
+
+
+def test_client_allow_list_routes_only_to_listed_servers(checkpoint, servers):
+    _, cfg, _ = checkpoint
+    listed = servers((0, 4), "private", args=["--throughput", "1"]).wait_ready()
+    unlisted = servers((0, 4), "private", [listed.maddr], ["--throughput", "1e6"]).wait_ready()  # faster: preferred
+    x = jax.random.normal(jax.random.key(0), (2, 6, cfg.hidden_size))
+    config = jaxseq.ClientConfig(allowed_servers=[listed.peer_id])
+    with RemoteSequenceManager([unlisted.maddr], "private", config) as manager:
+        forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
+        for _ in range(5):
+            forward(x).block_until_ready()
+        assert {r.peer for r in manager.records} == {listed.peer_id}
+        assert manager.server_info(listed.peer_id)["jaxseq_computed"]["forward"] == 5
+    with RemoteSequenceManager([unlisted.maddr], "private") as observer:
+        assert observer.server_info(unlisted.peer_id)["jaxseq_computed"] == {"forward": 0, "backward": 0}
+
+
+def test_server_allow_list_refuses_other_clients(checkpoint, servers):
+    _, cfg, _ = checkpoint
+    bootstrap = servers((0, 1), "guarded", args=["--throughput", "1"]).wait_ready()
+    x = jax.random.normal(jax.random.key(0), (1, 4, cfg.hidden_size))
+    config = jaxseq.ClientConfig(max_retries=0, min_backoff=0.01)
+    with RemoteSequenceManager([bootstrap.maddr], "guarded", config, num_blocks=4) as friend, \
+         RemoteSequenceManager([bootstrap.maddr], "guarded", config, num_blocks=4) as stranger:  # fmt: skip
+        guarded = servers((0, 4), "guarded", [bootstrap.maddr], ["--allowed-clients", friend.peer_id]).wait_ready()
+        only_guarded = jaxseq.ClientConfig(allowed_servers=[guarded.peer_id], max_retries=0)
+        for manager in (friend, stranger):
+            manager.config = only_guarded  # the friend's id was needed to start the server; now go private
+            manager.run(manager.refresh())
+            assert {r.peer for r in manager.records} == {guarded.peer_id}
+        y = jax.jit(lambda x: jaxseq.remote_sequential(x, None, friend))(x)
+        assert y.shape == x.shape
+        with pytest.raises(Exception, match=f"not on this server's client allow-list"):
+            jax.jit(lambda x: jaxseq.remote_sequential(x, None, stranger))(x).block_until_ready()
+        # The refusal came before any compute: only the friend's request was computed.
+        assert friend.server_info(guarded.peer_id)["jaxseq_computed"]["forward"] == 1
