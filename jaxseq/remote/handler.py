@@ -111,7 +111,7 @@ class TransformerConnectionHandler(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         self._check_client(context)
-        request = await protocol.read_stream(requests, self.max_request_bytes)
+        request = await self._read_stream(requests)
         for part in await self._forward(request, context, stream=True):
             yield part
 
@@ -133,7 +133,7 @@ class TransformerConnectionHandler(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         self._check_client(context)
-        request = await protocol.read_stream(requests, self.max_request_bytes)
+        request = await self._read_stream(requests)
         for part in await self._backward(request, context, stream=True):
             yield part
 
@@ -157,6 +157,14 @@ class TransformerConnectionHandler(ServicerBase):
                 f"this server holds blocks {self.backend.first}:{self.backend.end}, not all of {start}:{end}"
             )
         return start, end
+
+    async def _read_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> Request:
+        """The whole streamed request, within the byte limit and the request timeout (a stalled sender
+        must not hold the server's resources forever)."""
+        try:
+            return await asyncio.wait_for(protocol.read_stream(requests, self.max_request_bytes), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the request stream did not finish within {self.request_timeout} s") from None
 
     def _check_client(self, context: P2PContext) -> None:
         if self.allowed_clients is not None and context.remote_id.to_base58() not in self.allowed_clients:
