@@ -38,6 +38,8 @@ class _BackgroundLoop:
     def stop(self) -> None:
         if self.loop.is_closed():
             return
+        with contextlib.suppress(Exception):  # the worker threads of asyncio.to_thread must not outlive us
+            asyncio.run_coroutine_threadsafe(self.loop.shutdown_default_executor(), self.loop).result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
