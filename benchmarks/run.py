@@ -32,18 +32,41 @@ def memcpy_gbps(nbytes: int = 64 << 20) -> float:
 
 
 @contextlib.contextmanager
-def loopback_swarm(checkpoint: str, spans: list[tuple[int, int]], prefix: str):
+def loopback_swarm(checkpoint: str, spans: list[tuple[int, int]], prefix: str, shared_memory: bool = True):
     servers = [ServerProcess(checkpoint, spans[0], prefix, None, ["--throughput", "1000"]).wait_ready()]
     try:
         servers += [ServerProcess(checkpoint, s, prefix, [servers[0].maddr], ["--throughput", "1000"]) for s in spans[1:]]
         for server in servers[1:]:
             server.wait_ready()
-        config = jaxseq.ClientConfig(request_timeout=300.0, deadline=600.0, max_tokens_in_batch=1 << 20)
+        config = jaxseq.ClientConfig(
+            request_timeout=300.0, deadline=600.0, max_tokens_in_batch=1 << 20, shared_memory=shared_memory
+        )
         with RemoteSequenceManager([servers[0].maddr], prefix, config) as manager:
             yield manager
     finally:
         for server in servers:
             server.terminate()
+
+
+def large_forward(manager: RemoteSequenceManager) -> tuple[int, float]:
+    """Bytes moved and seconds spent moving them (all but server compute) in a forward of 16 x 512 tokens."""
+    big = jax.random.normal(jax.random.key(3), (16, 512, CFG.hidden_size))
+    forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
+    forward(big).block_until_ready()
+    since = len(manager.timings)
+    forward(big).block_until_ready()
+    (call,) = list(manager.timings)[since:]
+    total = call.serialize_s + call.round_trip_s + call.deserialize_s
+    return call.bytes_sent + call.bytes_received, total - call.server_compute_s - call.server_wait_s
+
+
+def compiles_after_random_shapes(manager: RemoteSequenceManager, count: int = 50) -> int:
+    rng = np.random.default_rng(0)
+    forward = lambda x: jaxseq.remote_sequential(x, None, manager)  # noqa: E731
+    for _ in range(count):
+        shape = (int(rng.integers(1, 17)), int(rng.integers(1, 257)), CFG.hidden_size)
+        forward(jax.numpy.zeros(shape)).block_until_ready()
+    return manager.server_info(manager.records[0].peer)["jaxseq_compiled"]
 
 
 def breakdown(manager: RemoteSequenceManager, since: int) -> dict[str, float]:
@@ -80,26 +103,25 @@ def main() -> None:
         step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
         rows.append(("LocalSwarm, 1 x 8 blocks", *paired_times(lambda: jax.block_until_ready(step(x, prompts)), local, args.steps)))
 
-    breakdowns = {}
-    wire = None
+    breakdowns, wire = {}, {}
+    compiled = None
+    layouts = {"1 server x 8 blocks": [(0, 8)], "2 servers x 4 blocks": [(0, 4), (4, 8)]}
+    transports = {"p2pd (Petals wire)": False, "same-host shm": True}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = str(jaxseq.random_checkpoint(f"{tmp}/llama", CFG, seed=0))
-        for name, spans in [("loopback, 1 server x 8 blocks", [(0, 8)]), ("loopback, 2 servers x 4 blocks", [(0, 4), (4, 8)])]:
-            with loopback_swarm(checkpoint, spans, f"bench{len(spans)}") as manager:
-                step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
-                rows.append((name, *paired_times(lambda: jax.block_until_ready(step(x, prompts)), local, args.steps)))
-                since = len(manager.timings)
-                jax.block_until_ready(step(x, prompts))
-                breakdowns[name] = breakdown(manager, since)
-                if len(spans) == 1:  # one large forward: 16 x 512 tokens of hidden 512 = 16 MiB each way
-                    big = jax.random.normal(jax.random.key(3), (16, 512, CFG.hidden_size))
-                    forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
-                    forward(big).block_until_ready()
+        for layout, spans in layouts.items():
+            for transport, shared_memory in transports.items():
+                name = f"loopback, {layout}, {transport}"
+                with loopback_swarm(checkpoint, spans, f"bench{len(spans)}{int(shared_memory)}", shared_memory) as manager:
+                    step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+                    rows.append((name, *paired_times(lambda: jax.block_until_ready(step(x, prompts)), local, args.steps)))
                     since = len(manager.timings)
-                    forward(big).block_until_ready()
-                    (call,) = list(manager.timings)[since:]
-                    moving = call.round_trip_s - call.server_compute_s - call.server_wait_s
-                    wire = (call.bytes_sent + call.bytes_received, moving, call.round_trip_s)
+                    jax.block_until_ready(step(x, prompts))
+                    breakdowns[name] = breakdown(manager, since)
+                    if len(spans) == 1:
+                        wire[transport] = large_forward(manager)
+                        if shared_memory:
+                            compiled = compiles_after_random_shapes(manager)
 
     print(f"{machine()}; {time.strftime('%Y-%m-%d')}")
     print(f"{CFG.num_hidden_layers} blocks, hidden {CFG.hidden_size}, intermediate {CFG.intermediate_size}, "
@@ -112,11 +134,13 @@ def main() -> None:
         print(f"\nwhere one step's remote calls spend their time ({name}), ms:")
         for part, seconds in parts.items():
             print(f"  {part:<32}{1000 * seconds:>8.1f}")
-    nbytes, moving, total = wire
     memcpy = memcpy_gbps()
-    print(f"\nwire, one forward of 16 MiB (float32, uncompressed), {nbytes / 2**20:.0f} MiB both ways:")
-    print(f"  {nbytes / moving / 1e9:.2f} GB/s excluding server compute ({nbytes / total / 1e9:.2f} GB/s including); "
-          f"memcpy here {memcpy:.2f} GB/s; ratio {nbytes / moving / 1e9 / memcpy:.2f}")
+    print(f"\none forward of 16 MiB of hidden states (float32, uncompressed), client to server and back;"
+          f" memcpy here {memcpy:.2f} GB/s:")
+    for transport, (nbytes, moving) in wire.items():
+        gbps = nbytes / moving / 1e9
+        print(f"  {transport:<20}{gbps:6.2f} GB/s  ({nbytes / 2**20:.0f} MiB moved; {gbps / memcpy:.2f} x memcpy)")
+    print(f"\nblock functions the server compiled after forwards of 50 random shapes (batch 1-16, seq 1-256): {compiled}")
 
 
 if __name__ == "__main__":

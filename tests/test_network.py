@@ -51,7 +51,8 @@ def local_step(checkpoint):
 def test_four_servers_equal_local_with_streaming(checkpoint, start_servers, local_step):
     _, cfg, _ = checkpoint
     servers, prefix = start_servers([(0, 2), (1, 3), (2, 4), (0, 4)])
-    config = jaxseq.ClientConfig(max_tokens_in_batch=1 << 20, **FAST_RETRY)
+    # Over the wire, not same-host shared memory: this is Petals' protocol, streaming included.
+    config = jaxseq.ClientConfig(max_tokens_in_batch=1 << 20, shared_memory=False, **FAST_RETRY)
     with RemoteSequenceManager([servers[0].maddr], prefix, config) as manager:
         assert manager.num_blocks == 4
         assert {(r.start, r.end) for r in manager.records} == {(0, 2), (1, 3), (2, 4), (0, 4)}
@@ -63,6 +64,7 @@ def test_four_servers_equal_local_with_streaming(checkpoint, start_servers, loca
         x, prompts = _inputs(cfg, 512, 128, 4)
         assert x.nbytes >= 8 * 2**20
         _assert_equal_to_local(step(x, prompts), local_step(x, prompts))
+        assert [t.transport for t in manager.timings][-2:] == ["stream", "stream"]
 
 
 def test_sigkill_mid_training_loses_no_step(checkpoint, start_servers, local_step):

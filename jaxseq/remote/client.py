@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import time
 from typing import Iterable, Optional, Sequence
@@ -21,7 +22,7 @@ from hivemind.utils.asyncio import as_aiter
 from jaxseq.config import ClientConfig
 from jaxseq.errors import FaultyResponse, ServerFailure
 from jaxseq.manager import SequenceManager
-from jaxseq.remote import dht_records, protocol
+from jaxseq.remote import dht_records, protocol, shm
 from jaxseq.routing import ServerRecord, Span
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class CallTiming:
     stage: str
     peer: str
     blocks: int
-    streamed: bool
+    transport: str  # "unary", "stream" (through p2pd) or "shm" (same-host shared memory)
     serialize_s: float
     round_trip_s: float
     deserialize_s: float
@@ -71,6 +72,8 @@ class RemoteSequenceManager(SequenceManager):
         self.dht_prefix = dht_prefix
         self._hidden_size: Optional[int] = None
         self.timings: collections.deque[CallTiming] = collections.deque(maxlen=4096)
+        self._host = shm.host_id()
+        self._no_shared_memory: set[str] = set()
         self._p2p = None
         self.dht = None
         try:
@@ -182,14 +185,74 @@ class RemoteSequenceManager(SequenceManager):
             metadata["output_compression"] = (int(protocol.COMPRESSIONS[self.config.compression]),)
         return metadata
 
-    async def _call(self, span: Span, rpc: tuple[str, str], arrays: list, cache_id: str) -> list[np.ndarray]:
+    async def _call(
+        self, span: Span, rpc: tuple[str, str], arrays: list, results: list[tuple[tuple, np.dtype]], cache_id: str
+    ) -> list[np.ndarray]:
+        """One RPC: through ``/dev/shm`` to a jaxseq server on this machine, else over the wire.
+        ``results`` are the shapes and dtypes the reply must have (for the shared-memory segments)."""
+        if self.config.shared_memory and self._same_host(span.peer):
+            try:
+                return await self._call_shared_memory(span, rpc[0], arrays, results, cache_id)
+            except ServerFailure as failure:
+                if "shared-memory" not in str(failure):
+                    raise
+                self._no_shared_memory.add(span.peer)  # e.g. a server run by another user: use the wire
+        return await self._call_wire(span, rpc, arrays, cache_id)
+
+    def _same_host(self, peer: str) -> bool:
+        if peer in self._no_shared_memory or self._host is None:
+            return False
+        record = next((r for r in self._records if r.peer == peer), None)
+        return record is not None and record.extra.get(shm.HOST_KEY) == self._host
+
+    @contextlib.contextmanager
+    def _failures(self, span: Span):
+        """Turn what a call can raise into the client's failure types."""
+        try:
+            yield
+        except P2PHandlerError as error:
+            raise ServerFailure(span.peer, f"error reply: {error}", reachable=True) from None
+        except protocol.ProtocolError as error:
+            raise FaultyResponse(span.peer, str(error)) from None
+        except _UNREACHABLE as error:
+            raise ServerFailure(span.peer, f"unreachable: {type(error).__name__}: {error}", reachable=False) from None
+
+    async def _call_shared_memory(self, span, rpc: str, arrays: list, results, cache_id: str) -> list[np.ndarray]:
+        inputs = [a for a in arrays if a is not None]
+        t0 = time.perf_counter()
+        creating = asyncio.ensure_future(asyncio.to_thread(shm.Segments, inputs, results))
+        try:
+            segments = await asyncio.shield(creating)
+        except asyncio.CancelledError:  # the files are still being made: remove them once they are
+            creating.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().close())
+            raise
+        try:
+            metadata = {**self._metadata(cache_id), shm.METADATA_KEY: {"inputs": segments.inputs, "outputs": segments.outputs}}
+            request = runtime_pb2.ExpertRequest(
+                uid=protocol.span_uids(self.dht_prefix, span.start, span.end), metadata=protocol.encode_metadata(metadata)
+            )
+            with self._failures(span):
+                t1 = time.perf_counter()
+                response = await self._p2p.call_protobuf_handler(
+                    PeerID.from_base58(span.peer), rpc, request, runtime_pb2.ExpertResponse
+                )
+                t2 = time.perf_counter()
+                outputs = await asyncio.to_thread(segments.results)
+                t3 = time.perf_counter()
+        finally:
+            segments.close()
+        self._log_timing(span, rpc, "shm", (t0, t1, t2, t3), response.metadata,
+                         sum(a.nbytes for a in inputs), sum(a.nbytes for a in outputs))  # fmt: skip
+        return outputs
+
+    async def _call_wire(self, span: Span, rpc: tuple[str, str], arrays: list, cache_id: str) -> list[np.ndarray]:
         uids = protocol.span_uids(self.dht_prefix, span.start, span.end)
         t0 = time.perf_counter()
         requests, streamed = await asyncio.to_thread(
             protocol.make_requests, uids, arrays, self._metadata(cache_id), self.config.compression
         )
         peer = PeerID.from_base58(span.peer)
-        try:
+        with self._failures(span):
             t1 = time.perf_counter()
             if not streamed:
                 responses = [
@@ -204,23 +267,22 @@ class RemoteSequenceManager(SequenceManager):
             parts = [part for response in responses for part in response.tensors]
             outputs = await asyncio.to_thread(protocol.combine_parts, parts)
             t3 = time.perf_counter()
-        except P2PHandlerError as error:
-            raise ServerFailure(span.peer, f"error reply: {error}", reachable=True) from None
-        except protocol.ProtocolError as error:
-            raise FaultyResponse(span.peer, str(error)) from None
-        except _UNREACHABLE as error:
-            raise ServerFailure(span.peer, f"unreachable: {type(error).__name__}: {error}", reachable=False) from None
-        server = protocol.reply_timing(responses[0].metadata if responses else b"")
+        transport = "stream" if streamed else "unary"
+        self._log_timing(span, rpc[0], transport, (t0, t1, t2, t3), responses[0].metadata if responses else b"",
+                         sum(len(t.buffer) for r in requests for t in r.tensors), sum(len(p.buffer) for p in parts))  # fmt: skip
+        return outputs
+
+    def _log_timing(self, span: Span, rpc: str, transport: str, times, reply_metadata: bytes, sent: int, received: int):
+        t0, t1, t2, t3 = times
+        server = protocol.reply_timing(reply_metadata)
         self.timings.append(
             CallTiming(
-                stage=rpc[0].rsplit("_", 1)[-1], peer=span.peer, blocks=len(span), streamed=streamed,
+                stage=rpc.rsplit("_", 1)[-1], peer=span.peer, blocks=len(span), transport=transport,
                 serialize_s=t1 - t0, round_trip_s=t2 - t1, deserialize_s=t3 - t2,
                 server_compute_s=server.get("compute_s"), server_wait_s=server.get("wait_s"),
-                bytes_sent=sum(len(t.buffer) for r in requests for t in r.tensors),
-                bytes_received=sum(len(p.buffer) for p in parts),
+                bytes_sent=sent, bytes_received=received,
             )
-        )
-        return outputs
+        )  # fmt: skip
 
     def _as_requested(self, span: Span, array: np.ndarray, dtype) -> np.ndarray:
         """Petals servers reply in their own dtype; accept exactly that one besides ours."""
@@ -232,7 +294,8 @@ class RemoteSequenceManager(SequenceManager):
 
     async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
         arrays = [x, prompts if prompts.shape[2] else None]
-        outputs = await self._call(span, (protocol.RPC_FORWARD, protocol.RPC_FORWARD_STREAM), arrays, cache_id)
+        rpc = (protocol.RPC_FORWARD, protocol.RPC_FORWARD_STREAM)
+        outputs = await self._call(span, rpc, arrays, [(x.shape, x.dtype)], cache_id)
         if len(outputs) != 1:
             raise FaultyResponse(span.peer, f"forward returned {len(outputs)} tensors, expected 1")
         return self._as_requested(span, outputs[0], x.dtype)
@@ -240,7 +303,8 @@ class RemoteSequenceManager(SequenceManager):
     async def _call_backward(self, span, x, grad_out, prompts, cache_id):
         with_prompts = prompts.shape[2] > 0
         arrays = [x, grad_out, prompts if with_prompts else None]
-        grads = await self._call(span, (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM), arrays, cache_id)
+        results = [(x.shape, x.dtype)] + ([(prompts.shape, prompts.dtype)] if with_prompts else [])
+        grads = await self._call(span, (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM), arrays, results, cache_id)
         if len(grads) != 1 + with_prompts:
             raise FaultyResponse(span.peer, f"backward returned {len(grads)} tensors, expected {1 + with_prompts}")
         grad_x = self._as_requested(span, grads[0], x.dtype)

@@ -17,7 +17,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from jaxseq.backend import BlockBackend
-from jaxseq.remote import protocol, validation
+from jaxseq.remote import protocol, shm, validation
 from jaxseq.remote.protocol import ProtocolError, Request
 
 _COMPRESSION_BY_CODE = {code: name for name, code in protocol.COMPRESSIONS.items()}
@@ -87,7 +87,10 @@ class TransformerConnectionHandler(ServicerBase):
             "version": self.version,
             "dht_client_mode": False,
             "cache_tokens_available": 0,
-            "jaxseq_computed": dict(self.computed),  # requests computed, by stage (Petals clients ignore it)
+            # jaxseq's own figures (Petals clients ignore them): requests computed by stage, and the
+            # distinct (stage, span length, shape bucket) block functions compiled so far.
+            "jaxseq_computed": dict(self.computed),
+            "jaxseq_compiled": self.backend.compile_count,
         }
         if request.uid:
             self._served(request.uid)
@@ -117,11 +120,11 @@ class TransformerConnectionHandler(ServicerBase):
 
     async def _forward(self, request: Request, context: P2PContext, stream: bool) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
-        hidden, prompts = validation.forward_inputs(request.arrays, end - start, self.limits)
+        hidden, prompts = validation.forward_inputs(await self._arrays(request), end - start, self.limits)
         key = self._cache_key(request, context)
         out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key)
         self.computed["forward"] += 1
-        return protocol.response_parts([out], self._reply_compression(request.metadata, 1), stream, timing)
+        return await self._reply(request, [out], stream, timing)
 
     # --- backward ------------------------------------------------------------------------------
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -139,17 +142,34 @@ class TransformerConnectionHandler(ServicerBase):
 
     async def _backward(self, request: Request, context: P2PContext, stream: bool) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
-        inputs, grad_outputs, prompts = validation.backward_inputs(request.arrays, end - start, self.limits)
+        inputs, grad_outputs, prompts = validation.backward_inputs(await self._arrays(request), end - start, self.limits)
         key = self._cache_key(request, context)
         (grad_inputs, grad_prompts), timing = await self._compute(
             self.backend.backward, inputs, prompts, grad_outputs, start, end, key
         )
         self.computed["backward"] += 1
         grads = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
-        compression = self._reply_compression(request.metadata, len(grads))
-        return protocol.response_parts(grads, compression, stream, timing)
+        return await self._reply(request, grads, stream, timing)
 
     # --- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    async def _arrays(request: Request) -> list:
+        """The request's tensors: from its messages, or from same-host shared memory (see ``shm``)."""
+        spec = request.metadata.get(shm.METADATA_KEY)
+        if spec is None:
+            return request.arrays
+        if request.arrays or not isinstance(spec, dict):
+            raise ProtocolError("a shared-memory request carries no tensors and names its segments in a map")
+        return await asyncio.to_thread(shm.read, spec.get("inputs", ()))
+
+    async def _reply(self, request: Request, results: list, stream: bool, timing: dict) -> list[runtime_pb2.ExpertResponse]:
+        spec = request.metadata.get(shm.METADATA_KEY)
+        if spec is not None:
+            await asyncio.to_thread(shm.write, spec.get("outputs", ()), results)
+            return [runtime_pb2.ExpertResponse(metadata=protocol.encode_metadata(timing))]
+        compression = self._reply_compression(request.metadata, len(results))
+        return protocol.response_parts(results, compression, stream, timing)
+
     def _served(self, uids: str) -> tuple[int, int]:
         start, end = protocol.parse_span_uids(uids, self.dht_prefix)
         if start < self.backend.first or end > self.backend.end:

@@ -25,7 +25,7 @@ import numpy as np
 import jaxseq
 from jaxseq.backend import BlockBackend
 from jaxseq.checkpoint import load_checkpoint
-from jaxseq.remote import dht_records, protocol
+from jaxseq.remote import dht_records, protocol, shm
 from jaxseq.remote.handler import TransformerConnectionHandler
 from jaxseq.routing import ServerState
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-period", type=float, default=60.0, help="seconds between DHT announcements")
     p.add_argument("--cache-mb", type=float, default=1024, help="MiB of forward activations kept for backward (LRU)")
     p.add_argument("--cache-ttl", type=float, default=120.0, help="seconds a kept activation may wait for its backward")
+    p.add_argument("--no-shared-memory", action="store_true", help="don't offer same-host clients /dev/shm transfers")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for compute; more get 'server busy'")
     p.add_argument("--allowed-clients", nargs="+", metavar="PEER_ID", help="serve only these client peer ids (base58)")
     p.add_argument("--identity", help="file with this server's private key (created if missing): a stable peer id")
@@ -94,6 +95,8 @@ async def serve(args: argparse.Namespace, stop: Optional[asyncio.Event] = None) 
     )
     throughput = args.throughput or measure_throughput(backend)
     expiration = max(2 * args.update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS)
+    host = None if args.no_shared_memory else shm.host_id()
+    same_host = {shm.HOST_KEY: host} if host else {}
 
     identity = {"identity_path": args.identity} if args.identity else {}
     dht = dht_records.start_dht(initial_peers=args.initial_peers or [], host_maddrs=args.host_maddrs, **identity)
@@ -114,7 +117,9 @@ async def serve(args: argparse.Namespace, stop: Optional[asyncio.Event] = None) 
         async def announce(state: ServerState) -> None:
             # Bounded: if the DHT process died (e.g. a Ctrl-C reached the whole process group), a store
             # would wait forever; the server keeps serving and shutting down regardless.
-            info = protocol.server_info_value(state, throughput, start=start, end=end, version=VERSION, dtype=args.dtype)
+            info = protocol.server_info_value(
+                state, throughput, start=start, end=end, version=VERSION, dtype=args.dtype, **same_host
+            )
             try:
                 await asyncio.wait_for(
                     dht_records.announce(dht, args.dht_prefix, start, end, info, cfg.num_hidden_layers, expiration),
