@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,3 +124,27 @@ def test_server_allow_list_refuses_other_clients(checkpoint, servers):
             jax.jit(lambda x: jaxseq.remote_sequential(x, None, stranger))(x).block_until_ready()
         # The refusal came before any compute: only the friend's request was computed.
         assert friend.server_info(guarded.peer_id)["jaxseq_computed"]["forward"] == 1
+
+
+def test_a_burst_gets_busy_replies_that_clients_honour(checkpoint, servers):
+    _, cfg, params = checkpoint
+    server = servers((0, 4), "burst", args=["--throughput", "1", "--max-queue", "1"]).wait_ready()
+    config = jaxseq.ClientConfig(min_backoff=0.05, max_backoff=0.5, max_retries=100, ban_timeout=0.0)
+    xs = [jax.random.normal(jax.random.key(i), (4, 64, cfg.hidden_size)) for i in range(8)]
+    results: dict[int, object] = {}
+    with RemoteSequenceManager([server.maddr], "burst", config) as manager:
+        forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
+        forward(xs[0]).block_until_ready()  # compiled on both sides before the burst
+
+        def call(i):
+            results[i] = forward(xs[i])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert manager.outcomes[server.peer_id, "error"] >= 1  # some were told "server busy" ...
+        assert server.process.poll() is None
+    for i, x in enumerate(xs):  # ... and retried until answered: all correct
+        assert rel_err(results[i], jaxseq.local_sequential(cfg, params, x)) < TOL
