@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

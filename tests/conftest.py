@@ -52,6 +52,30 @@ def make_swarm(tiny_cfg, tiny_params):
         m.close()
 
 
+def training_step(blocks):
+    """jit(value_and_grad) w.r.t. hidden states and prompts of a non-linear read-out of ``blocks(x, prompts)``
+    (so gradients depend on every output differently); returns ``((loss, outputs), (grad_x, grad_prompts))``."""
+
+    def loss(x, p):
+        out = blocks(x, p)
+        return jnp.sum(jnp.sin(out) * jnp.arange(out.shape[-1], dtype=out.dtype)), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def matches(got, want, tol: float = 1e-5) -> bool:
+    """Whether two ``training_step`` results agree: outputs and both gradients within ``tol`` (relative)."""
+    ((_, out), grads), ((_, out_ref), grads_ref) = got, want
+    return rel_err(out, out_ref) < tol and all(rel_err(g, r) < tol for g, r in zip(grads, grads_ref))
+
+
+def assert_matches(got, want, tol: float = 1e-5) -> None:
+    ((_, out), (gx, gp)), ((_, out_ref), (gx_ref, gp_ref)) = got, want
+    assert rel_err(out, out_ref) < tol
+    assert rel_err(gx, gx_ref) < tol
+    assert rel_err(gp, gp_ref) < tol
+
+
 def random_inputs(cfg, batch, seq, prompt_len, seed=1, num_blocks=None):
     kx, kp = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(kx, (batch, seq, cfg.hidden_size), jnp.float32)

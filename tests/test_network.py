@@ -7,45 +7,21 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 import jaxseq
 from jaxseq.remote import RemoteSequenceManager
-from conftest import rel_err
+from conftest import assert_matches, random_inputs, training_step
 from jaxseq.remote.launch import ServerProcess
 
 pytestmark = pytest.mark.network
-TOL = 1e-5
 FAST_RETRY = dict(min_backoff=0.2, max_backoff=1.0, request_timeout=20.0, ban_timeout=5.0)
-
-
-def _step_fn(blocks):
-    def loss(x, p):
-        out = blocks(x, p)
-        return jnp.sum(jnp.sin(out) * jnp.arange(out.shape[-1], dtype=out.dtype)), out
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-
-
-def _inputs(cfg, batch, seq, prompt_len, seed=0):
-    kx, kp = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (batch, seq, cfg.hidden_size), jnp.float32)
-    prompts = 0.5 * jax.random.normal(kp, (cfg.num_hidden_layers, batch, prompt_len, cfg.hidden_size), jnp.float32)
-    return x, prompts
-
-
-def _assert_equal_to_local(got, want):
-    ((_, out), (gx, gp)), ((_, out_ref), (gx_ref, gp_ref)) = got, want
-    assert rel_err(out, out_ref) < TOL
-    assert rel_err(gx, gx_ref) < TOL
-    assert rel_err(gp, gp_ref) < TOL
 
 
 @pytest.fixture
 def local_step(checkpoint):
     _, cfg, params = checkpoint
-    return _step_fn(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
+    return training_step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
 
 
 def test_four_servers_equal_local_with_streaming(checkpoint, start_servers, local_step):
@@ -56,14 +32,14 @@ def test_four_servers_equal_local_with_streaming(checkpoint, start_servers, loca
     with RemoteSequenceManager([servers[0].maddr], prefix, config) as manager:
         assert manager.num_blocks == 4
         assert {(r.start, r.end) for r in manager.records} == {(0, 2), (1, 3), (2, 4), (0, 4)}
-        step = _step_fn(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+        step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
         for batch, seq, prompt_len in [(2, 7, 3), (1, 1, 0)]:
-            x, prompts = _inputs(cfg, batch, seq, prompt_len)
-            _assert_equal_to_local(step(x, prompts), local_step(x, prompts))
+            x, prompts = random_inputs(cfg, batch, seq, prompt_len)
+            assert_matches(step(x, prompts), local_step(x, prompts))
         # 8 MiB of hidden states in one micro-batch: requests and replies are streamed both ways.
-        x, prompts = _inputs(cfg, 512, 128, 4)
+        x, prompts = random_inputs(cfg, 512, 128, 4)
         assert x.nbytes >= 8 * 2**20
-        _assert_equal_to_local(step(x, prompts), local_step(x, prompts))
+        assert_matches(step(x, prompts), local_step(x, prompts))
         assert [t.transport for t in manager.timings][-2:] == ["stream", "stream"]
 
 
@@ -71,16 +47,15 @@ def test_sigkill_mid_training_loses_no_step(checkpoint, start_servers, local_ste
     _, cfg, _ = checkpoint
     servers, prefix = start_servers([(0, 4), (0, 2), (2, 4)])
     config = jaxseq.ClientConfig(deadline=60.0, **FAST_RETRY)
-    x, prompts = _inputs(cfg, 3, 9, 2)
-    want = local_step(x, prompts)
+    x, prompts = random_inputs(cfg, 3, 9, 2)
     with RemoteSequenceManager([servers[0].maddr], prefix, config) as manager:
-        step = _step_fn(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+        step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
         completed = 0
         for i in range(6):
             if i == 2:
                 servers[0].kill()  # the server holding every block, which routing prefers
             start = time.monotonic()
-            _assert_equal_to_local(step(x, p := prompts * (1 + 0.1 * i)), local_step(x, p))
+            assert_matches(step(x, p := prompts * (1 + 0.1 * i)), local_step(x, p))
             assert time.monotonic() - start < config.deadline
             completed += 1
         assert completed == 6
@@ -91,16 +66,16 @@ def test_replacement_joining_while_client_retries(checkpoint, start_servers, loc
     _, cfg, _ = checkpoint
     servers, prefix = start_servers([(0, 2), (2, 4)])
     config = jaxseq.ClientConfig(deadline=120.0, max_retries=1000, **FAST_RETRY)
-    x, prompts = _inputs(cfg, 2, 5, 1)
+    x, prompts = random_inputs(cfg, 2, 5, 1)
     with RemoteSequenceManager([servers[0].maddr], prefix, config) as manager:
-        step = _step_fn(lambda x, p: jaxseq.remote_sequential(x, p, manager))
-        _assert_equal_to_local(step(x, prompts), local_step(x, prompts))
+        step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+        assert_matches(step(x, prompts), local_step(x, prompts))
         servers[1].kill()  # the only holder of blocks 2:4
         replacement: list[ServerProcess] = []
         joiner = threading.Thread(target=lambda: replacement.extend(start_servers([(2, 4)], prefix, [servers[0].maddr])[0]))
         joiner.start()
         try:
-            _assert_equal_to_local(step(x, prompts), local_step(x, prompts))
+            assert_matches(step(x, prompts), local_step(x, prompts))
         finally:
             joiner.join()
         assert replacement and any(r.peer == replacement[0].peer_id for r in manager.records)
@@ -111,7 +86,7 @@ def test_only_server_for_a_block_killed_gives_missing_blocks(checkpoint, start_s
     servers, prefix = start_servers([(0, 3), (3, 4)])
     deadline = 8.0
     config = jaxseq.ClientConfig(deadline=deadline, max_retries=1000, **FAST_RETRY)
-    x, _ = _inputs(cfg, 1, 4, 0)
+    x, _ = random_inputs(cfg, 1, 4, 0)
     with RemoteSequenceManager([servers[0].maddr], prefix, config) as manager:
         forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
         forward(x).block_until_ready()

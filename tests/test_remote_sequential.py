@@ -10,39 +10,21 @@ import numpy as np
 import pytest
 
 import jaxseq
-from conftest import random_inputs, rel_err
+from conftest import assert_matches, random_inputs, rel_err, training_step
 
 TOL = 1e-5
 
 
 def _loss(out):
-    # A non-linear read-out, so gradients depend on every output element differently.
     return jnp.sum(jnp.sin(out) * jnp.arange(out.shape[-1], dtype=out.dtype))
 
 
-def _with_outputs(blocks):
-    """value_and_grad of the loss, returning the blocks' outputs too (the results we compare)."""
-
-    def loss(x, p):
-        out = blocks(x, p)
-        return _loss(out), out
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-
-
 def _reference(cfg, params, x, prompts):
-    return _with_outputs(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))(x, prompts)
+    return training_step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))(x, prompts)
 
 
 def _remote_value_and_grad(manager, x, prompts):
-    return _with_outputs(lambda x, p: jaxseq.remote_sequential(x, p, manager))(x, prompts)
-
-
-def _assert_close(got, want):
-    ((_, out), (gx, gp)), ((_, out_ref), (gx_ref, gp_ref)) = got, want
-    assert rel_err(out, out_ref) < TOL
-    assert rel_err(gx, gx_ref) < TOL
-    assert rel_err(gp, gp_ref) < TOL
+    return training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))(x, prompts)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +40,7 @@ def test_value_and_grad_equal_local(tiny_cfg, tiny_params, make_swarm, batch, se
     config = jaxseq.ClientConfig(max_tokens_in_batch=max_tokens, min_backoff=0.01)
     swarm, manager = make_swarm([(0, 2), (2, 4), (1, 3)], config)
     x, prompts = random_inputs(tiny_cfg, batch, seq, prompt_len)
-    _assert_close(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
+    assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     n_micro = len(jaxseq.sequential.micro_batches(batch, seq, max_tokens))
     assert swarm.servers[0].calls == {"forward": n_micro, "backward": n_micro}
     assert swarm.servers[1].calls == {"forward": n_micro, "backward": n_micro}
@@ -111,7 +93,7 @@ def test_forward_fault_reroutes_from_failed_block(tiny_cfg, tiny_params, make_sw
     a, failing, other = swarm.servers  # the faster holder of 2:4 is tried first
     x, prompts = random_inputs(tiny_cfg, 2, 5, 1)
     failing.fail_next(1, "forward")
-    _assert_close(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
+    assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     # Blocks 0:2 are not redone; the failed span went to the other holder.
     assert a.calls == {"forward": 1, "backward": 1}
     assert failing.calls == {"forward": 1, "backward": 0}
@@ -124,7 +106,7 @@ def test_backward_fault_reruns_span_forward_elsewhere(tiny_cfg, tiny_params, mak
     a, b, c = swarm.servers
     c.fail_next(1, "backward")
     x, prompts = random_inputs(tiny_cfg, 2, 5, 2)
-    _assert_close(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
+    assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     # c ran the forward of 0:4; its backward failed, so 0:4 was redone via a and b, then backward through them.
     assert c.calls == {"forward": 1, "backward": 1}
     assert a.calls == {"forward": 1, "backward": 1}
@@ -138,7 +120,7 @@ def test_every_holder_of_a_block_fails_once(tiny_cfg, tiny_params, make_swarm):
         server.fail_next(1, "forward")
         server.fail_next(1, "backward")
     x, prompts = random_inputs(tiny_cfg, 1, 4, 1)
-    _assert_close(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
+    assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     # forward: c (fails) -> a (fails) -> both banned, c banned longest ago: c (ok).
     # backward: c fails -> redo 0:4 forward avoiding c: a, b -> backward b, then a fails -> redo 0:2:
     #   a and c banned, c longest ago -> c runs forward 0:2 and its backward.
@@ -152,7 +134,7 @@ def test_a_ban_never_makes_a_block_unreachable(tiny_cfg, tiny_params, make_swarm
     swarm, manager = make_swarm([(0, 4)], jaxseq.ClientConfig(min_backoff=0.01, ban_timeout=60.0))
     swarm.servers[0].fail_next(2, "forward")
     x, prompts = random_inputs(tiny_cfg, 1, 4, 1)
-    _assert_close(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
+    assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     assert swarm.servers[0].calls["forward"] == 3
 
 
@@ -169,7 +151,7 @@ def test_faulty_server_is_banned_and_routed_around(tiny_cfg, tiny_params, make_s
     liar.backend.forward = lying_forward
     x, prompts = random_inputs(tiny_cfg, 2, 5, 1)
     for _ in range(3):
-        _assert_close(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
+        assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     assert liar.calls["forward"] == 1  # caught once, then banned for ban_timeout
     assert liar.calls["backward"] == 0
 
@@ -200,12 +182,12 @@ def test_block_without_live_server_ends_within_deadline(tiny_cfg, make_swarm):
 def test_training_survives_a_killed_server(tiny_cfg, tiny_params, make_swarm):
     swarm, manager = make_swarm([(0, 2), (2, 4), (0, 4)])
     x, prompts = random_inputs(tiny_cfg, 2, 5, 2)
-    step = _with_outputs(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+    step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
     want = _reference(tiny_cfg, tiny_params, x, prompts)
     for i in range(6):
         if i == 3:
             swarm.servers[2].kill()
-        _assert_close(step(x, prompts), want)
+        assert_matches(step(x, prompts), want)
     assert swarm.servers[0].calls["forward"] >= 3 and swarm.servers[1].calls["forward"] >= 3
 
 

@@ -3,16 +3,13 @@ plausible but wrong, the outlier is banned, and every step still equals local.""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxseq
 from jaxseq.verification import agree, tolerance
-from conftest import random_inputs, rel_err
+from conftest import matches, random_inputs, training_step
 
-TOL = 1e-5
 
 
 def _make_noisy(server, scale=1e-3):
@@ -30,24 +27,11 @@ def _make_noisy(server, scale=1e-3):
 
 
 def _step(manager):
-    def loss(x, p):
-        out = jaxseq.remote_sequential(x, p, manager)
-        return jnp.sum(jnp.sin(out)), out
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    return training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
 
 
 def _reference(cfg, params, x, prompts):
-    def loss(x, p):
-        out = jaxseq.local_sequential(cfg, params, x, p)
-        return jnp.sum(jnp.sin(out)), out
-
-    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, prompts)
-
-
-def _close(got, want) -> bool:
-    ((_, out), grads), ((_, out_ref), grads_ref) = got, want
-    return rel_err(out, out_ref) < TOL and all(rel_err(g, r) < TOL for g, r in zip(grads, grads_ref))
+    return training_step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))(x, prompts)
 
 
 def test_tolerance_follows_dtype():
@@ -66,7 +50,7 @@ def test_noisy_server_is_outvoted_and_banned(tiny_cfg, tiny_params, make_swarm):
     x, prompts = random_inputs(tiny_cfg, 2, 5, 2)
     want = _reference(tiny_cfg, tiny_params, x, prompts)
     for _ in range(3):
-        assert _close(_step(manager)(x, prompts), want)
+        assert matches(_step(manager)(x, prompts), want)
     answered = manager.outcomes[noisy.name, "ok"]
     assert answered >= 3 and manager.outcomes[noisy.name, "outvoted"] == answered  # caught every time
     assert manager.disagreements == answered
@@ -77,7 +61,7 @@ def test_with_no_third_server_the_doubted_answer_is_retried_elsewhere(tiny_cfg, 
     swarm, manager = make_swarm([(0, 4), (0, 4)], config, throughputs=[2.0, 1.0])
     _make_noisy(swarm.servers[0])
     x, prompts = random_inputs(tiny_cfg, 2, 5, 2)
-    assert _close(_step(manager)(x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
+    assert matches(_step(manager)(x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     assert manager.outcomes[swarm.servers[0].name, "outvoted"] == 1
     assert manager.unverified_spans >= 1  # after the ban, the honest server had nobody to be checked against
 
@@ -86,7 +70,7 @@ def test_without_verification_a_noisy_server_goes_unnoticed(tiny_cfg, tiny_param
     swarm, manager = make_swarm([(0, 4), (0, 4)], throughputs=[2.0, 1.0])
     _make_noisy(swarm.servers[0])
     x, prompts = random_inputs(tiny_cfg, 2, 5, 2)
-    assert not _close(_step(manager)(x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
+    assert not matches(_step(manager)(x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])

@@ -24,6 +24,8 @@ import os
 import re
 import signal
 import subprocess
+
+import pytest
 import sys
 import tempfile
 import time
@@ -90,6 +92,16 @@ def find_petals_python(timeout: float = 1800.0) -> tuple[str | None, str]:
     if not lines or not Path(lines[-1]).is_file():
         raise PetalsError(f"{VENV_SCRIPT} printed no interpreter path; stdout: {proc.stdout!r}")
     return lines[-1], ""
+
+
+@pytest.fixture(scope="session")
+def petals_py() -> str:
+    """The Petals venv's python, built (or reused) once per session. Without the package index the tests
+    that use it skip, with the reason; any other failure to build it fails them."""
+    python, reason = find_petals_python()
+    if python is None:
+        pytest.skip(reason)
+    return python
 
 
 def petals_python() -> str:

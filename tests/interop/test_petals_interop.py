@@ -4,31 +4,17 @@ SIGKILL, and a Petals client through jaxseq servers. Every comparison is with a 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from petals_helpers import find_petals_python, petals_client_fwd_bwd, petals_server, write_tiny_checkpoint_with_petals_venv
+from petals_helpers import petals_client_fwd_bwd, petals_py, petals_server, write_tiny_checkpoint_with_petals_venv  # noqa: F401 (petals_py: a fixture)
 
 import jaxseq
+from conftest import assert_matches, random_inputs, rel_err, training_step
 from jaxseq.remote import RemoteSequenceManager
 from jaxseq.remote.launch import ServerProcess
 
 pytestmark = [pytest.mark.petals, pytest.mark.network]
 TOL = 1e-5
 CLIENT = dict(min_backoff=0.2, max_backoff=1.0, request_timeout=30.0, ban_timeout=10.0, deadline=120.0)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-@pytest.fixture(scope="module")
-def petals_py() -> str:
-    python, reason = find_petals_python()
-    if python is None:
-        pytest.skip(reason)
-    return python
 
 
 @pytest.fixture(scope="module")
@@ -63,41 +49,19 @@ def jaxseq_servers():
         server.kill()
 
 
-def _step(blocks):
-    def loss(x, p):
-        out = blocks(x, p)
-        return jnp.sum(jnp.sin(out) * jnp.arange(out.shape[-1], dtype=out.dtype)), out
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-
-
-def _inputs(cfg, batch, seq, prompt_len, seed=0):
-    kx, kp = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (batch, seq, cfg.hidden_size), jnp.float32)
-    prompts = 0.5 * jax.random.normal(kp, (cfg.num_hidden_layers, batch, prompt_len, cfg.hidden_size), jnp.float32)
-    return x, prompts
-
-
-def _assert_equal(got, want):
-    ((_, out), (gx, gp)), ((_, out_ref), (gx_ref, gp_ref)) = got, want
-    assert rel_err(out, out_ref) < TOL
-    assert rel_err(gx, gx_ref) < TOL
-    assert rel_err(gp, gp_ref) < TOL
-
-
 def test_jaxseq_client_through_petals_servers(petals_py, petals_checkpoint, tmp_path):
     path, cfg, params = petals_checkpoint
-    local = _step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
+    local = training_step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
     with petals_server(petals_py, path, block_indices="0:4", dht_prefix="interop1", log_dir=tmp_path) as first, \
          petals_server(petals_py, path, block_indices="4:8", dht_prefix="interop1", initial_peers=[first.maddr],
                        log_dir=tmp_path) as second:  # fmt: skip
         config = jaxseq.ClientConfig(max_tokens_in_batch=8192, **CLIENT)
         with RemoteSequenceManager([first.maddr], "interop1", config) as manager:
             assert manager.num_blocks == 8  # from the Petals servers' _petals.models record
-            step = _step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+            step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
             for batch, seq, prompt_len in [(2, 7, 3), (8, 1024, 16)]:  # the second is 2 MiB: streamed both ways
-                x, prompts = _inputs(cfg, batch, seq, prompt_len)
-                _assert_equal(step(x, prompts), local(x, prompts))
+                x, prompts = random_inputs(cfg, batch, seq, prompt_len)
+                assert_matches(step(x, prompts), local(x, prompts))
             routes = {(r.peer, r.start, r.end) for r in manager.records}
             assert routes == {(first.peer_id, 0, 4), (second.peer_id, 4, 8)}
         log = first.log_tail(400) + second.log_tail(400)
@@ -106,22 +70,22 @@ def test_jaxseq_client_through_petals_servers(petals_py, petals_checkpoint, tmp_
 
 def test_mixed_swarm_and_sigkill_of_the_petals_server(petals_py, petals_checkpoint, jaxseq_servers, tmp_path):
     path, cfg, params = petals_checkpoint
-    local = _step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
+    local = training_step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
     with petals_server(petals_py, path, block_indices="0:4", dht_prefix="interop2", log_dir=tmp_path) as petals:
         ours = jaxseq_servers(path, (4, 8), "interop2", [petals.maddr])
         # A long update period: the client learns of the 0:8 server only when the Petals server fails.
         config = jaxseq.ClientConfig(update_period=600.0, **CLIENT)
         with RemoteSequenceManager([petals.maddr], "interop2", config) as manager:
-            step = _step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+            step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
             assert [(s.peer, s.start, s.end) for s in manager.make_route(0, 8)] == [
                 (petals.peer_id, 0, 4), (ours.peer_id, 4, 8)]  # fmt: skip
-            x, prompts = _inputs(cfg, 3, 10, 2)
-            _assert_equal(step(x, prompts), local(x, prompts))
+            x, prompts = random_inputs(cfg, 3, 10, 2)
+            assert_matches(step(x, prompts), local(x, prompts))
             backup = jaxseq_servers(path, (0, 8), "interop2", [ours.maddr])
             petals.process.send_signal(9)  # SIGKILL the Petals server mid-training
             for i in range(3):
                 p = prompts * (1 + 0.1 * i)
-                _assert_equal(step(x, p), local(x, p))
+                assert_matches(step(x, p), local(x, p))
             assert manager.retries >= 1
             assert any(r.peer == backup.peer_id for r in manager.records)
 
@@ -129,7 +93,7 @@ def test_mixed_swarm_and_sigkill_of_the_petals_server(petals_py, petals_checkpoi
 def test_petals_client_through_jaxseq_servers(petals_py, petals_checkpoint, jaxseq_servers):
     path, _, _ = petals_checkpoint
     first = jaxseq_servers(path, (0, 4), "interop3", None)
-    second = jaxseq_servers(path, (4, 8), "interop3", [first.maddr])
+    jaxseq_servers(path, (4, 8), "interop3", [first.maddr])
     result = petals_client_fwd_bwd(petals_py, path, [first.maddr], dht_prefix="interop3", batch=3, seq=12)
     assert result["first_block_change"] > 0.3, result  # blocks matter
     for key in ("rel_logits", "rel_grad_inputs_embeds", "rel_grad_lm_head", "rel_grad_norm"):

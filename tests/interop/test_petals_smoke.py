@@ -12,22 +12,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from petals_helpers import (
-    find_petals_python,
+from petals_helpers import (  # noqa: F401 (petals_py: a fixture)
+    petals_py,
     petals_client_fwd_bwd,
     petals_server,
     write_tiny_checkpoint_with_petals_venv,
 )
 
 pytestmark = [pytest.mark.petals, pytest.mark.network]
-
-
-@pytest.fixture(scope="module")
-def petals_py() -> str:
-    python, reason = find_petals_python()
-    if python is None:
-        pytest.skip(reason)
-    return python
 
 
 def _petals_p2pd_pids(petals_py: str) -> set[int]:
