@@ -72,7 +72,8 @@ class Fuzzer:
             "compression code": lambda r: (fwd, req(self.uids(r), [runtime_pb2.Tensor(buffer=os.urandom(64), size=[1, 2, 8], dtype="float32", compression=r.choice([3, 4, 5, 77]))])),
             # 0xc1 is never valid msgpack; a list is not a map; these output_compression values are no codes.
             "garbage metadata": lambda r: (fwd, req(self.uids(r), [self.hidden_states(r)], r.choice([b"\xc1" + os.urandom(r.randint(0, 64)), MSGPackSerializer.dumps([1, 2]),
-                                                                                                  MSGPackSerializer.dumps({"output_compression": r.choice(["x", [99], [1, 2, 3]])})]))),
+                                                                                                  MSGPackSerializer.dumps({"output_compression": r.choice(["x", [99], [1, 2, 3]])}),
+                                                                                                  MSGPackSerializer.dumps({"active_adapter": "lora-we-do-not-have"})]))),
             # Optional keys with values a server ignores, as Petals servers ignore unknown keys: answered normally.
             "ignorable metadata": lambda r: (fwd, req(self.uids(r), [self.hidden_states(r)], MSGPackSerializer.dumps(
                 r.choice([{"output_compression": None}, {protocol.CACHE_ID_KEY: r.choice([1, "y" * 999, ""])}, {"points": "many", "unknown": [1]}])))),

@@ -155,6 +155,9 @@ class TransformerConnectionHandler(ServicerBase):
     @staticmethod
     async def _arrays(request: Request) -> list:
         """The request's tensors: from its messages, or from same-host shared memory (see ``shm``)."""
+        adapter = request.metadata.get("active_adapter")
+        if adapter:  # as a Petals server without that adapter does: refuse rather than compute without it
+            raise ProtocolError(f"adapter {str(adapter)[:100]!r} not found: this server serves no adapters")
         spec = request.metadata.get(shm.METADATA_KEY)
         if spec is None:
             return request.arrays
