@@ -6,6 +6,7 @@ Each server runs in its own process group, so that ``kill`` ends it and everythi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -55,8 +56,9 @@ class ServerProcess:
                     return line[len(READY):].strip()
             if self.process.poll() is not None:
                 break
+        tail = self.log_tail()
         self.kill()
-        raise RuntimeError(f"jaxseq-server did not become ready; log tail:\n{self.log_tail()}")
+        raise RuntimeError(f"jaxseq-server did not become ready; log tail:\n{tail}")
 
     def log_tail(self, chars: int = 3000) -> str:
         self.log.flush()
@@ -70,16 +72,26 @@ class ServerProcess:
         except ProcessLookupError:
             pass
         self.process.wait(timeout=30)
+        self._release()
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM the server alone (it announces OFFLINE and exits) and wait for its exit code;
         SIGKILL its group if it has not exited within ``timeout``."""
         try:
             self.process.send_signal(signal.SIGTERM)
-            return self.process.wait(timeout=timeout)
+            code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             return self.process.returncode
+        self._release()
+        return code
+
+    def _release(self) -> None:
+        """The server is gone: close its pipe and remove its log (read ``log_tail`` before, if needed)."""
+        self.process.stdout.close()
+        self.log.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.log.name)
 
     def group_alive(self) -> bool:
         try:
