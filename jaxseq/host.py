@@ -18,7 +18,7 @@ def call(manager: SequenceManager, coro: Coroutine) -> Any:
     try:
         return manager.run(coro)
     except Exception as error:
-        manager.outcome(error)
+        manager.record_error(error)
         raise
 
 

@@ -246,7 +246,7 @@ class SequenceManager(abc.ABC):
         self._latency[span.peer] = time.monotonic() - start
         return result
 
-    def outcome(self, error: BaseException) -> None:
+    def record_error(self, error: BaseException) -> None:
         """Remember the last error, so users can get the typed exception that ``jit`` turns into text."""
         self.last_error = error
 
