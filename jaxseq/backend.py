@@ -81,8 +81,8 @@ class ActivationCache:
     def take(self, key: Hashable, x: np.ndarray, prompts: np.ndarray) -> Optional[Callable]:
         with self._lock:
             now = time.monotonic()
-            for old in [k for k, e in self._entries.items() if now - e.created > self.ttl]:
-                self._drop(old)
+            while self._entries and now - next(iter(self._entries.values())).created > self.ttl:
+                self._drop(next(iter(self._entries)))  # entries are in creation order: the oldest first
             saved = self._drop(key)
         if saved is not None and np.array_equal(saved.x, x) and np.array_equal(saved.prompts, prompts):
             self.hits += 1

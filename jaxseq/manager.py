@@ -157,17 +157,21 @@ class SequenceManager(abc.ABC):
 
     def make_route(self, start: int, end: int) -> list[Span]:
         """Spans covering blocks ``start..end-1`` from the current view (raises ``MissingBlocksError``)."""
+        return route(self._records, start, end, banned=self._active_bans(), latency=self._latency, rng=self._rng)
+
+    def _active_bans(self) -> dict[str, float]:
+        """Bans younger than ``ban_timeout`` (peer -> time of the ban); older ones are forgotten."""
         now = time.monotonic()
         self._banned = {p: t for p, t in self._banned.items() if now - t < self.config.ban_timeout}
-        return route(self._records, start, end, banned=self._banned, latency=self._latency, rng=self._rng)
+        return self._banned
 
     def alternatives(self, span: Span) -> list[str]:
         """Other online, unbanned servers holding all of ``span``, fastest first (for cross-checks)."""
-        now = time.monotonic()
+        banned = self._active_bans()
         holders = [
             r for r in self._records
             if r.state == ServerState.ONLINE and r.start <= span.start and span.end <= r.end and r.peer != span.peer
-            and now - self._banned.get(r.peer, -float("inf")) >= self.config.ban_timeout
+            and r.peer not in banned
         ]  # fmt: skip
         return [r.peer for r in sorted(holders, key=lambda r: -r.throughput)]
 

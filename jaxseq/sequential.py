@@ -73,7 +73,7 @@ class _Retries:
 
 async def chain_forward(
     manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, start: int, end: int, deadline: float
-) -> tuple[np.ndarray, list["SpanRun"]]:
+) -> tuple[np.ndarray, list[SpanRun]]:
     """Run blocks ``start..end-1``; returns the output and each span done with its input.
 
     When a call fails, the rest of the chain is re-routed from the block where it failed; what is
@@ -161,7 +161,7 @@ def micro_batches(batch: int, seq: int, max_tokens: int) -> list[slice]:
 
 async def sequential_forward(
     manager: SequenceManager, x: np.ndarray, prompts: np.ndarray
-) -> tuple[np.ndarray, list[list["SpanRun"]]]:
+) -> tuple[np.ndarray, list[list[SpanRun]]]:
     """Forward through the whole chain, micro-batches concurrently; returns outputs and per-batch spans."""
     deadline = time.monotonic() + manager.config.deadline
     parts = micro_batches(x.shape[0], x.shape[1], manager.config.max_tokens_in_batch)
@@ -176,7 +176,7 @@ async def sequential_backward(
     x: np.ndarray,
     prompts: np.ndarray,
     grad_out: np.ndarray,
-    done: Optional[list[list["SpanRun"]]] = None,
+    done: Optional[list[list[SpanRun]]] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gradients w.r.t. ``x`` and ``prompts``; ``done`` is forward's saved state, or None to recompute it."""
     deadline = time.monotonic() + manager.config.deadline

@@ -202,8 +202,11 @@ class RemoteSequenceManager(SequenceManager):
     def _same_host(self, peer: str) -> bool:
         if peer in self._no_shared_memory or self._host is None:
             return False
-        record = next((r for r in self._records if r.peer == peer), None)
+        record = self._record(peer)
         return record is not None and record.extra.get(shm.HOST_KEY) == self._host
+
+    def _record(self, peer: str) -> Optional[ServerRecord]:
+        return next((r for r in self._records if r.peer == peer), None)
 
     @contextlib.contextmanager
     def _failures(self, span: Span):
@@ -286,7 +289,7 @@ class RemoteSequenceManager(SequenceManager):
 
     def _as_requested(self, span: Span, array: np.ndarray, dtype) -> np.ndarray:
         """Petals servers reply in their own dtype; accept exactly that one besides ours."""
-        record = next((r for r in self._records if r.peer == span.peer), None)
+        record = self._record(span.peer)
         announced = record.extra.get("torch_dtype") if record is not None else None
         if array.dtype != dtype and str(array.dtype) == announced:
             return array.astype(dtype)

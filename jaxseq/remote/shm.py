@@ -40,8 +40,7 @@ def host_id() -> Optional[str]:
     return f"{socket.gethostname()}/{boot}" if SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK) else None
 
 
-def _descriptor(name: str, array_or_shape, dtype) -> list:
-    shape = array_or_shape.shape if hasattr(array_or_shape, "shape") else array_or_shape
+def _descriptor(name: str, shape, dtype) -> list:
     return [name, np.dtype(dtype).name, list(shape)]
 
 
