@@ -59,9 +59,13 @@ def test_local_swarm_1000_steps_flat(tiny_cfg, make_swarm):
     process = psutil.Process()
     _train(manager, tiny_cfg, 100)
     rss, threads = process.memory_info().rss, process.num_threads()
+    # The emulated servers compute in asyncio's default executor, which starts its (bounded) workers
+    # lazily, when calls happen to overlap: those may still appear, nothing else may.
+    executor = manager._background.loop._default_executor
+    headroom = executor._max_workers - len(executor._threads)
     _train(manager, tiny_cfg, 900)
     assert process.memory_info().rss - rss < RSS_BOUND
-    assert process.num_threads() <= threads
+    assert process.num_threads() <= threads + headroom
     assert len(manager.saved) == 0
     assert all(len(s.backend.cache) == 0 for s in swarm.servers)
 
