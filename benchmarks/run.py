@@ -1,45 +1,65 @@
-"""One table: a training step locally under jit, through a ``LocalSwarm``, and through real
-``jaxseq-server`` processes on loopback (1 server x 8 blocks, 2 servers x 4 blocks), each as a ratio
-to local (remote and local steps alternate; the ratio is the median of per-pair ratios); where a
-remote step's time goes; and the wire's throughput on one large forward.
+"""One table: a training step locally under jit, through a ``LocalSwarm``, through real ``jaxseq-server``
+processes on loopback (1 server x 8 blocks, 2 servers x 4 blocks; tensors through same-host memory
+files and through p2pd), and through real Petals 2.2 servers in the same layouts (from the Petals
+venv, ``tests/interop/petals_venv.sh``), all on one checkpoint; where a remote step's time goes;
+jaxseq against Petals; how fast hidden states move (``wire.py``); and the server's compile count.
 
-    python benchmarks/run.py [--steps 10]
+A jaxseq row's steps alternate with local jit steps, and its ratio is the median of per-pair ratios
+(this machine's speed drifts). A Petals row's steps alternate with the same blocks in local torch
+in the Petals venv; its ratio to local jit divides by the median local jit step of the whole run.
+
+    python benchmarks/run.py [--steps 9] [--no-petals]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import statistics
 import tempfile
 import time
+from pathlib import Path
+from typing import Optional
 
 import jax
 import numpy as np
 
 import jaxseq
+import petals_swarm
+import wire
+from common import BATCH, CFG, PROMPT_LEN, SEQ, Paired, inputs, machine, paired_times, timed, training_step
 from jaxseq.remote import RemoteSequenceManager
 from jaxseq.remote.launch import ServerProcess
 
-from common import CFG, BATCH, PROMPT_LEN, SEQ, inputs, machine, median_time, paired_times, training_step
+LAYOUTS = {"1 x 8": [(0, 8)], "2 x 4": [(0, 4), (4, 8)]}
+TRANSPORTS = {"memory files": True, "p2pd": False}
+PARTS = ("client", "serialize", "wire", "server compute", "server wait")
 
 
-def memcpy_gbps(nbytes: int = 64 << 20) -> float:
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    seconds = median_time(lambda: np.copyto(dst, src), steps=10)
-    return nbytes / seconds / 1e9
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    step_s: float
+    local_s: float  # the local step it was paired with (torch for Petals)
+    ratio: float  # to local jit
+    min_ratio: Optional[float] = None  # fastest step / fastest local step (jaxseq rows)
+    parts_s: Optional[dict] = None  # where one step's time goes (jaxseq loopback rows)
+    torch_ratio: Optional[float] = None  # Petals rows: to the same blocks in local torch
+
+    @classmethod
+    def paired(cls, name: str, timing: Paired, parts_s: Optional[dict] = None) -> "Row":
+        return cls(name, timing.step_s, timing.baseline_s, timing.ratio, timing.min_ratio, parts_s)
 
 
 @contextlib.contextmanager
-def loopback_swarm(checkpoint: str, spans: list[tuple[int, int]], prefix: str, shared_memory: bool = True):
+def loopback_swarm(checkpoint: str, spans: list[tuple[int, int]], prefix: str, shared_memory: bool):
     servers = [ServerProcess(checkpoint, spans[0], prefix, None, ["--throughput", "1000"]).wait_ready()]
     try:
         servers += [ServerProcess(checkpoint, s, prefix, [servers[0].maddr], ["--throughput", "1000"]) for s in spans[1:]]
         for server in servers[1:]:
             server.wait_ready()
-        config = jaxseq.ClientConfig(
-            request_timeout=300.0, deadline=600.0, max_tokens_in_batch=1 << 20, shared_memory=shared_memory
-        )
+        config = jaxseq.ClientConfig(request_timeout=300.0, deadline=600.0, shared_memory=shared_memory)
         with RemoteSequenceManager([servers[0].maddr], prefix, config) as manager:
             yield manager
     finally:
@@ -47,19 +67,28 @@ def loopback_swarm(checkpoint: str, spans: list[tuple[int, int]], prefix: str, s
             server.terminate()
 
 
-def large_forward(manager: RemoteSequenceManager) -> tuple[int, float]:
-    """Bytes moved and seconds spent moving them (all but server compute) in a forward of 16 x 512 tokens."""
-    big = jax.random.normal(jax.random.key(3), (16, 512, CFG.hidden_size))
-    forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
-    forward(big).block_until_ready()
-    since = len(manager.timings)
-    forward(big).block_until_ready()
-    (call,) = list(manager.timings)[since:]
-    total = call.serialize_s + call.round_trip_s + call.deserialize_s
-    return call.bytes_sent + call.bytes_received, total - call.server_compute_s - call.server_wait_s
+def step_parts(manager: RemoteSequenceManager, step, steps: int = 3) -> dict[str, float]:
+    """Median seconds per step: the client's own work (JAX, callbacks, routing), serializing (both
+    sides, with checks), the wire (p2pd or the memory-file handshake), server compute, queue wait."""
+    samples = []
+    for _ in range(steps):
+        since = len(manager.timings)
+        wall = timed(step)
+        calls = list(manager.timings)[since:]
+        in_calls = sum(c.serialize_s + c.round_trip_s + c.deserialize_s for c in calls)
+        server = sum(c.server_compute_s + c.server_wait_s + c.server_io_s for c in calls)
+        samples.append({
+            "client": wall - in_calls,
+            "serialize": sum(c.serialize_s + c.deserialize_s + c.server_io_s for c in calls),
+            "wire": in_calls - server - sum(c.serialize_s + c.deserialize_s for c in calls),
+            "server compute": sum(c.server_compute_s for c in calls),
+            "server wait": sum(c.server_wait_s for c in calls),
+        })  # fmt: skip
+    return {part: statistics.median(s[part] for s in samples) for part in PARTS}
 
 
 def compiles_after_random_shapes(manager: RemoteSequenceManager, count: int = 50) -> int:
+    """Block functions the server has compiled after forwards of ``count`` random (batch, seq) shapes."""
     rng = np.random.default_rng(0)
     forward = lambda x: jaxseq.remote_sequential(x, None, manager)  # noqa: E731
     for _ in range(count):
@@ -68,77 +97,75 @@ def compiles_after_random_shapes(manager: RemoteSequenceManager, count: int = 50
     return manager.server_info(manager.records[0].peer)["jaxseq_compiled"]
 
 
-def breakdown(manager: RemoteSequenceManager, since: int) -> dict[str, float]:
-    """Mean seconds per step in each part of the remote calls logged after index ``since``."""
-    calls = list(manager.timings)[since:]
-    parts = {
-        "client serialize": sum(c.serialize_s for c in calls),
-        "server compute": sum(c.server_compute_s or 0.0 for c in calls),
-        "server queue": sum(c.server_wait_s or 0.0 for c in calls),
-        "wire + server (de)serialize": sum(
-            c.round_trip_s - (c.server_compute_s or 0.0) - (c.server_wait_s or 0.0) for c in calls
-        ),
-        "client deserialize": sum(c.deserialize_s for c in calls),
-    }
-    return parts
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per row (default 10)")
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per row (default 9)")
+    parser.add_argument("--wire-calls", type=int, default=5, help="timed calls per wire figure (default 5)")
+    parser.add_argument("--no-petals", action="store_true", help="leave out the Petals rows")
     args = parser.parse_args()
+    python, no_petals_reason = (None, "--no-petals") if args.no_petals else petals_swarm.find_petals_python()
 
-    params = jaxseq.init_block_params(CFG, jax.random.key(0))
-    x, prompts = inputs()
-    rows: list[tuple[str, float, float, float]] = []  # name, median s, median local s, median ratio
-
-    local_step = training_step(lambda x, p: jaxseq.local_sequential(CFG, params, x, p))
-    local = lambda: jax.block_until_ready(local_step(x, prompts))  # noqa: E731
-    local_fwd = jax.jit(lambda x, p: jaxseq.local_sequential(CFG, params, x, p))
-    rows.append(("local jit, forward only", *paired_times(lambda: local_fwd(x, prompts).block_until_ready(), local, args.steps)))
-    rows.append(("local jit", *paired_times(local, local, args.steps)))
-
-    with jaxseq.LocalSwarm(CFG, params, [(0, 8)]).sequence_manager() as manager:
-        step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
-        rows.append(("LocalSwarm, 1 x 8 blocks", *paired_times(lambda: jax.block_until_ready(step(x, prompts)), local, args.steps)))
-
-    breakdowns, wire = {}, {}
-    compiled = None
-    layouts = {"1 server x 8 blocks": [(0, 8)], "2 servers x 4 blocks": [(0, 4), (4, 8)]}
-    transports = {"p2pd (Petals wire)": False, "same-host shm": True}
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = str(jaxseq.random_checkpoint(f"{tmp}/llama", CFG, seed=0))
-        for layout, spans in layouts.items():
-            for transport, shared_memory in transports.items():
-                name = f"loopback, {layout}, {transport}"
-                with loopback_swarm(checkpoint, spans, f"bench{len(spans)}{int(shared_memory)}", shared_memory) as manager:
+        if python is not None:
+            checkpoint = petals_swarm.write_checkpoint(python, Path(tmp) / "llama")
+        else:
+            checkpoint = jaxseq.random_checkpoint(f"{tmp}/llama", CFG, seed=0)
+        cfg, params = jaxseq.load_checkpoint(checkpoint)
+        x, prompts = inputs(cfg)
+        local_step = training_step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
+        local = lambda: jax.block_until_ready(local_step(x, prompts))  # noqa: E731
+        local_forward = jax.jit(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
+        rows.append(Row.paired("local jit, forward only", paired_times(lambda: local_forward(x, prompts).block_until_ready(), local, args.steps)))
+        rows.append(Row.paired("local jit", paired_times(local, local, args.steps)))
+
+        with jaxseq.LocalSwarm(cfg, params, [(0, 8)]).sequence_manager() as manager:
+            step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+            rows.append(Row.paired("LocalSwarm, 1 x 8", paired_times(lambda: jax.block_until_ready(step(x, prompts)), local, args.steps)))
+
+        compiled = None
+        for layout, spans in LAYOUTS.items():
+            for transport, shared_memory in TRANSPORTS.items():
+                prefix = f"bench-{len(spans)}-{int(shared_memory)}"
+                with loopback_swarm(str(checkpoint), spans, prefix, shared_memory) as manager:
                     step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
-                    rows.append((name, *paired_times(lambda: jax.block_until_ready(step(x, prompts)), local, args.steps)))
-                    since = len(manager.timings)
-                    jax.block_until_ready(step(x, prompts))
-                    breakdowns[name] = breakdown(manager, since)
-                    if len(spans) == 1:
-                        wire[transport] = large_forward(manager)
-                        if shared_memory:
-                            compiled = compiles_after_random_shapes(manager)
+                    remote = lambda: jax.block_until_ready(step(x, prompts))  # noqa: E731
+                    timing = paired_times(remote, local, args.steps)
+                    rows.append(Row.paired(f"jaxseq {layout}, {transport}", timing, step_parts(manager, remote)))
+                    if len(spans) == 1 and shared_memory:
+                        compiled = compiles_after_random_shapes(manager)
+
+        local_jit = statistics.median(r.local_s for r in rows)
+        if python is not None:
+            for i, (layout, spans) in enumerate(LAYOUTS.items()):
+                result = petals_swarm.petals_row(python, checkpoint, spans, args.steps, f"bench-petals{i}", tmp)
+                rows.append(Row(f"Petals 2.2 {layout}", result["step"], result["local"], result["step"] / local_jit,
+                                torch_ratio=result["ratio"]))  # fmt: skip
+
+    with wire.one_block_server() as server:
+        wire_results = wire.measure(server, args.wire_calls)
 
     print(f"{machine()}; {time.strftime('%Y-%m-%d')}")
-    print(f"{CFG.num_hidden_layers} blocks, hidden {CFG.hidden_size}, intermediate {CFG.intermediate_size}, "
-          f"{CFG.num_attention_heads} heads; batch {BATCH} x {SEQ}, {PROMPT_LEN} deep prompts, float32; "
-          f"forward + backward w.r.t. inputs and prompts; median of {args.steps} steps\n")
-    print(f"{'training step':<34}{'median ms':>10}{'local ms':>10}{'/ local':>9}")
-    for name, seconds, local_seconds, ratio in rows:
-        print(f"{name:<34}{1000 * seconds:>10.1f}{1000 * local_seconds:>10.1f}{ratio:>9.2f}")
-    for name, parts in breakdowns.items():
-        print(f"\nwhere one step's remote calls spend their time ({name}), ms:")
-        for part, seconds in parts.items():
-            print(f"  {part:<32}{1000 * seconds:>8.1f}")
-    memcpy = memcpy_gbps()
-    print(f"\none forward of 16 MiB of hidden states (float32, uncompressed), client to server and back;"
-          f" memcpy here {memcpy:.2f} GB/s:")
-    for transport, (nbytes, moving) in wire.items():
-        gbps = nbytes / moving / 1e9
-        print(f"  {transport:<20}{gbps:6.2f} GB/s  ({nbytes / 2**20:.0f} MiB moved; {gbps / memcpy:.2f} x memcpy)")
+    print(f"{cfg.num_hidden_layers} blocks, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
+          f"{cfg.num_attention_heads} heads, float32; batch {BATCH} x {SEQ}, {PROMPT_LEN} deep prompts; "
+          f"forward + backward w.r.t. inputs and prompts; median of {args.steps} steps\n")  # fmt: skip
+    print(f"{'training step':<28}{'ms':>7}{'local ms':>9}{'/ local':>8}{'min/min':>8}   where a step goes, ms: "
+          + "".join(f"{p:>10}" for p in ("client", "serialize", "wire", "compute", "wait")))  # fmt: skip
+    for r in rows:
+        parts = "".join(f"{1000 * r.parts_s[p]:>10.1f}" for p in PARTS) if r.parts_s else ""
+        note = f"   ({r.torch_ratio:.2f} x its local torch step)" if r.torch_ratio is not None else ""
+        fastest = f"{r.min_ratio:>8.2f}" if r.min_ratio is not None else f"{'':8}"
+        print(f"{r.name:<28}{1000 * r.step_s:>7.0f}{1000 * r.local_s:>9.0f}{r.ratio:>8.2f}{fastest}{'':26}{parts}{note}")
+    if python is None:
+        print(f"\n(no Petals rows: {no_petals_reason})")
+    else:
+        print("\njaxseq / Petals, same layout and checkpoint:")
+        by_name = {r.name: r.step_s for r in rows}
+        for layout in LAYOUTS:
+            petals_s = by_name[f"Petals 2.2 {layout}"]
+            print(f"  {layout}: " + ", ".join(f"{t} {by_name[f'jaxseq {layout}, {t}'] / petals_s:.2f}" for t in TRANSPORTS))
+    print()
+    wire.print_table(wire_results)
     print(f"\nblock functions the server compiled after forwards of 50 random shapes (batch 1-16, seq 1-256): {compiled}")
 
 

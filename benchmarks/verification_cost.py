@@ -29,7 +29,8 @@ def main() -> None:
     print(f"{machine()}; {time.strftime('%Y-%m-%d')}; 8 blocks hidden {CFG.hidden_size}, batch 8 x 128, prompts 16")
     print(f"{'verify_fraction':<18}{'median ms':>10}{'/ without':>11}{'spans checked':>15}")
     for fraction, step in steps.items():
-        median, _, ratio = paired_times(lambda: jax.block_until_ready(step(x, prompts)), baseline, args.steps)
+        timing = paired_times(lambda: jax.block_until_ready(step(x, prompts)), baseline, args.steps)
+        median, ratio = timing.step_s, timing.ratio
         manager = managers[fraction]
         print(f"{fraction:<18}{1000 * median:>10.1f}{ratio:>11.2f}{manager.verified_spans:>15}")
     for manager in managers.values():

@@ -35,19 +35,24 @@ def bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _pad(a: np.ndarray, axis_sizes: dict[int, int]) -> np.ndarray:
+def _padded_copy(a: np.ndarray, axis_sizes: dict[int, int]) -> jax.Array:
+    """``a`` zero-padded to ``axis_sizes``, in memory the server owns. Inputs may be views of a client's
+    shared memory, which it rewrites after the reply while the cache still holds them, and
+    ``jax.device_put`` aliases such views (even with ``may_alias=False``); ``np.pad`` always copies."""
     pads = [(0, 0)] * a.ndim
     for axis, size in axis_sizes.items():
         pads[axis] = (0, size - a.shape[axis])
-    if all(p == (0, 0) for p in pads):
-        return a
-    return np.pad(a, pads)
+    return jax.device_put(np.pad(a, pads))
+
+
+def _equal(a: jax.Array, b: jax.Array) -> bool:
+    return a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
 
 
 @dataclasses.dataclass
 class _Saved:
-    x: np.ndarray
-    prompts: np.ndarray
+    x: jax.Array
+    prompts: jax.Array
     vjp: Callable
     nbytes: int
     created: float
@@ -67,7 +72,7 @@ class ActivationCache:
         self._entries: collections.OrderedDict[Hashable, _Saved] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, key: Hashable, x: np.ndarray, prompts: np.ndarray, vjp: Callable) -> None:
+    def put(self, key: Hashable, x: jax.Array, prompts: jax.Array, vjp: Callable) -> None:
         nbytes = x.nbytes + prompts.nbytes + sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
         if nbytes > self.max_bytes:
             return
@@ -78,13 +83,13 @@ class ActivationCache:
             while self.nbytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
 
-    def take(self, key: Hashable, x: np.ndarray, prompts: np.ndarray) -> Optional[Callable]:
+    def take(self, key: Hashable, x: jax.Array, prompts: jax.Array) -> Optional[Callable]:
         with self._lock:
             now = time.monotonic()
             while self._entries and now - next(iter(self._entries.values())).created > self.ttl:
                 self._drop(next(iter(self._entries)))  # entries are in creation order: the oldest first
             saved = self._drop(key)
-        if saved is not None and np.array_equal(saved.x, x) and np.array_equal(saved.prompts, prompts):
+        if saved is not None and _equal(saved.x, x) and _equal(saved.prompts, prompts):
             self.hits += 1
             return saved.vjp
         self.misses += 1
@@ -155,9 +160,9 @@ class BlockBackend:
     def _padded(self, stage: str, start: int, end: int, x: np.ndarray, prompts: np.ndarray, *extra: np.ndarray):
         batch, seq, _ = x.shape
         sizes = {0: bucket(batch), 1: bucket(seq)}
-        x_p = _pad(x.astype(self.dtype, copy=False), sizes)
-        prompts_p = _pad(prompts.astype(self.dtype, copy=False), {1: sizes[0]})
-        extra_p = [_pad(e.astype(self.dtype, copy=False), sizes) for e in extra]
+        x_p = _padded_copy(x.astype(self.dtype, copy=False), sizes)
+        prompts_p = _padded_copy(prompts.astype(self.dtype, copy=False), {1: sizes[0]})
+        extra_p = [_padded_copy(e.astype(self.dtype, copy=False), sizes) for e in extra]
         with self._lock:
             self._compiled.add((stage, end - start, x_p.shape, prompts_p.shape))
         return x_p, prompts_p, extra_p
@@ -177,7 +182,7 @@ class BlockBackend:
             out = self._forward(blocks, x_p, prompts_p)
         else:
             out, vjp = jax.vjp(lambda x_, p_: self._forward(blocks, x_, p_), x_p, prompts_p)
-            self.cache.put((cache_key, start, end), x, prompts, vjp)
+            self.cache.put((cache_key, start, end), x_p, prompts_p, vjp)
         return np.asarray(out)[:batch, :seq].astype(x.dtype, copy=False)
 
     def backward(
@@ -192,7 +197,7 @@ class BlockBackend:
         """Gradients w.r.t. the span's inputs and (if ``prompt_len > 0``) its prompts."""
         batch, seq, _ = x.shape
         x_p, prompts_p, (grad_p,) = self._padded("backward", start, end, x, prompts, grad_out)
-        vjp = None if cache_key is None else self.cache.take((cache_key, start, end), x, prompts)
+        vjp = None if cache_key is None else self.cache.take((cache_key, start, end), x_p, prompts_p)
         if vjp is not None:
             grad_x, grad_prompts = vjp(grad_p)
         else:

@@ -60,7 +60,7 @@ class ClientConfig:
         compression: wire compression of tensors, both ways: one of ``jaxseq.remote.protocol.COMPRESSIONS``
             ("none", "float16", "meanstd16", "uniform8bit", "quantile8bit").
         allowed_servers: if given, only these server peer ids (base58) are ever routed to (a private swarm).
-        shared_memory: exchange tensors through ``/dev/shm`` with jaxseq servers on the same machine.
+        shared_memory: exchange tensors through shared memory files with jaxseq servers on the same machine.
         verify_fraction: fraction of spans (forward and backward) re-run on a second server and compared;
             on disagreement a third server decides and the outlier is banned. 0 disables it.
 

@@ -84,9 +84,9 @@ class Fuzzer:
 
     def _truncated(self, rng: random.Random) -> list[runtime_pb2.ExpertRequest]:
         tensor = self.hidden_states(rng, 4, 64)
-        parts = list(protocol.split_for_streaming(tensor, 1024))
+        parts = protocol.tensor_parts(protocol.deserialize(tensor), chunk_bytes=1024)
         keep = parts[: rng.randrange(1, len(parts))]
-        return [runtime_pb2.ExpertRequest(uid=self.uids(rng), tensors=[p]) for p in keep]
+        return [runtime_pb2.ExpertRequest(uid=self.uids(rng), tensors=[runtime_pb2.Tensor(**p)]) for p in keep]
 
 
 async def _send(p2p: P2P, peer: PeerID, rpc: str, payload, timeout: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import jax
@@ -81,6 +82,24 @@ def test_cache_misses_recompute_correctly(tiny_cfg, tiny_params, mismatch):
     prompts_b = prompts_b[start:]
     _, (gx_ref, gp_ref) = _reference(tiny_cfg, tiny_params, x_b, prompts_b, grad, start, 4)
     gx, gp = backend.backward(x_b, prompts_b, grad, start, 4, cache_key=key)
+    assert backend.cache.hits == 0 and backend.cache.misses == 1
+    assert rel_err(gx, gx_ref) < TOL and rel_err(gp, gp_ref) < TOL
+
+
+def test_cache_keeps_its_own_copy_of_inputs_a_client_may_reuse(tiny_cfg, tiny_params):
+    """Inputs can be views of a client's shared memory, which it rewrites for its next call: an entry
+    must not change with them (else a backward with the new values would pass as a hit)."""
+    backend = BlockBackend(tiny_cfg, tiny_params)
+    x, prompts, grad = _arrays(tiny_cfg, 2, 7, 3, 4)
+    memory = mmap.mmap(-1, x.nbytes + prompts.nbytes)  # like a client's segment: memory numpy doesn't own
+    shared_x = np.frombuffer(memory, x.dtype, x.size).reshape(x.shape)
+    shared_prompts = np.frombuffer(memory, prompts.dtype, prompts.size, x.nbytes).reshape(prompts.shape)
+    shared_x[...], shared_prompts[...] = x, prompts
+    backend.forward(shared_x, shared_prompts, 0, 4, cache_key="a")
+    shared_x += 1
+    shared_prompts *= 2
+    _, (gx_ref, gp_ref) = _reference(tiny_cfg, tiny_params, x + 1, prompts * 2, grad, 0, 4)
+    gx, gp = backend.backward(shared_x, shared_prompts, grad, 0, 4, cache_key="a")
     assert backend.cache.hits == 0 and backend.cache.misses == 1
     assert rel_err(gx, gx_ref) < TOL and rel_err(gp, gp_ref) < TOL
 

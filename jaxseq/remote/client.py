@@ -38,6 +38,7 @@ class CallTiming:
     deserialize_s: float
     server_compute_s: Optional[float]
     server_wait_s: Optional[float]
+    server_io_s: Optional[float]  # the server's parsing, checks and writing of results
     bytes_sent: int
     bytes_received: int
 
@@ -74,6 +75,7 @@ class RemoteSequenceManager(SequenceManager):
         self.timings: collections.deque[CallTiming] = collections.deque(maxlen=4096)
         self._host = shm.host_id()
         self._no_shared_memory: set[str] = set()
+        self._segments = shm.SegmentPool()
         self._p2p = None
         self.dht = None
         try:
@@ -160,6 +162,7 @@ class RemoteSequenceManager(SequenceManager):
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
+        self._segments.close()
         super().close()
 
     def server_info(self, peer: str, block: Optional[int] = None) -> dict:
@@ -223,14 +226,14 @@ class RemoteSequenceManager(SequenceManager):
     async def _call_shared_memory(self, span, rpc: str, arrays: list, results, cache_id: str) -> list[np.ndarray]:
         inputs = [a for a in arrays if a is not None]
         t0 = time.perf_counter()
-        creating = asyncio.ensure_future(asyncio.to_thread(shm.Segments, inputs, results))
+        preparing = asyncio.ensure_future(asyncio.to_thread(self._segments.exchange, inputs, results))
         try:
-            segments = await asyncio.shield(creating)
-        except asyncio.CancelledError:  # the files are still being made: remove them once they are
-            creating.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().close())
+            exchange = await asyncio.shield(preparing)
+        except asyncio.CancelledError:  # the inputs are still being written: discard the segments once they are
+            preparing.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().discard())
             raise
         try:
-            metadata = {**self._metadata(cache_id), shm.METADATA_KEY: {"inputs": segments.inputs, "outputs": segments.outputs}}
+            metadata = {**self._metadata(cache_id), shm.METADATA_KEY: exchange.spec}
             request = runtime_pb2.ExpertRequest(
                 uid=protocol.span_uids(self.dht_prefix, span.start, span.end), metadata=protocol.encode_metadata(metadata)
             )
@@ -239,12 +242,12 @@ class RemoteSequenceManager(SequenceManager):
                 response = await self._p2p.call_protobuf_handler(
                     PeerID.from_base58(span.peer), rpc, request, runtime_pb2.ExpertResponse
                 )
-                t2 = time.perf_counter()
-                outputs = await asyncio.to_thread(segments.results)
-                t3 = time.perf_counter()
-        finally:
-            segments.close()
-        self._log_timing(span, rpc, "shm", (t0, t1, t2, t3), response.metadata,
+        except BaseException:
+            exchange.discard()  # the server may still be writing into it
+            raise
+        t2 = time.perf_counter()
+        outputs = exchange.results()
+        self._log_timing(span, rpc, "shm", (t0, t1, t2, time.perf_counter()), response.metadata,
                          sum(a.nbytes for a in inputs), sum(a.nbytes for a in outputs))  # fmt: skip
         return outputs
 
@@ -283,6 +286,7 @@ class RemoteSequenceManager(SequenceManager):
                 stage=rpc.rsplit("_", 1)[-1], peer=span.peer, blocks=len(span), transport=transport,
                 serialize_s=t1 - t0, round_trip_s=t2 - t1, deserialize_s=t3 - t2,
                 server_compute_s=server.get("compute_s"), server_wait_s=server.get("wait_s"),
+                server_io_s=server.get("io_s"),
                 bytes_sent=sent, bytes_received=received,
             )
         )  # fmt: skip

@@ -77,6 +77,7 @@ class TransformerConnectionHandler(ServicerBase):
         self.max_request_bytes = max_request_bytes
         self.request_timeout = request_timeout
         self.queue = ComputeQueue(max_queue)
+        self.shared_memory = shm.ServerMappings(max_bytes=max_request_bytes)
         self.computed = {"forward": 0, "backward": 0}
         self.allowed_clients = None if allowed_clients is None else frozenset(allowed_clients)
 
@@ -87,10 +88,12 @@ class TransformerConnectionHandler(ServicerBase):
             "version": self.version,
             "dht_client_mode": False,
             "cache_tokens_available": 0,
-            # jaxseq's own figures (Petals clients ignore them): requests computed by stage, and the
-            # distinct (stage, span length, shape bucket) block functions compiled so far.
+            # jaxseq's own figures (Petals clients ignore them): requests computed by stage, the
+            # distinct (stage, span length, shape bucket) block functions compiled so far, and how
+            # often a backward found its forward's activations in the cache.
             "jaxseq_computed": dict(self.computed),
             "jaxseq_compiled": self.backend.compile_count,
+            "jaxseq_cache": {"hits": self.backend.cache.hits, "misses": self.backend.cache.misses},
         }
         if request.uid:
             self._served(request.uid)
@@ -107,7 +110,8 @@ class TransformerConnectionHandler(ServicerBase):
     # --- forward -------------------------------------------------------------------------------
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         self._check_client(context)
-        (response,) = await self._forward(protocol.read_unary(request), context, stream=False)
+        arrived = time.perf_counter()
+        (response,) = await self._forward(protocol.read_unary(request), context, arrived, stream=False)
         return response
 
     async def rpc_forward_stream(
@@ -115,21 +119,24 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         self._check_client(context)
         request = await self._read_stream(requests)
-        for part in await self._forward(request, context, stream=True):
+        for part in await self._forward(request, context, time.perf_counter(), stream=True):
             yield part
 
-    async def _forward(self, request: Request, context: P2PContext, stream: bool) -> list[runtime_pb2.ExpertResponse]:
+    async def _forward(
+        self, request: Request, context: P2PContext, arrived: float, stream: bool
+    ) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
-        hidden, prompts = validation.forward_inputs(await self._arrays(request), end - start, self.limits)
+        hidden, prompts = validation.forward_inputs(self._arrays(request), end - start, self.limits)
         key = self._cache_key(request, context)
         out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key)
         self.computed["forward"] += 1
-        return await self._reply(request, [out], stream, timing)
+        return await self._reply(request, [out], stream, timing, arrived)
 
     # --- backward ------------------------------------------------------------------------------
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         self._check_client(context)
-        (response,) = await self._backward(protocol.read_unary(request), context, stream=False)
+        arrived = time.perf_counter()
+        (response,) = await self._backward(protocol.read_unary(request), context, arrived, stream=False)
         return response
 
     async def rpc_backward_stream(
@@ -137,24 +144,25 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         self._check_client(context)
         request = await self._read_stream(requests)
-        for part in await self._backward(request, context, stream=True):
+        for part in await self._backward(request, context, time.perf_counter(), stream=True):
             yield part
 
-    async def _backward(self, request: Request, context: P2PContext, stream: bool) -> list[runtime_pb2.ExpertResponse]:
+    async def _backward(
+        self, request: Request, context: P2PContext, arrived: float, stream: bool
+    ) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
-        inputs, grad_outputs, prompts = validation.backward_inputs(await self._arrays(request), end - start, self.limits)
+        inputs, grad_outputs, prompts = validation.backward_inputs(self._arrays(request), end - start, self.limits)
         key = self._cache_key(request, context)
         (grad_inputs, grad_prompts), timing = await self._compute(
             self.backend.backward, inputs, prompts, grad_outputs, start, end, key
         )
         self.computed["backward"] += 1
         grads = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
-        return await self._reply(request, grads, stream, timing)
+        return await self._reply(request, grads, stream, timing, arrived)
 
     # --- helpers -------------------------------------------------------------------------------
-    @staticmethod
-    async def _arrays(request: Request) -> list:
-        """The request's tensors: from its messages, or from same-host shared memory (see ``shm``)."""
+    def _arrays(self, request: Request) -> list:
+        """The request's tensors: from its messages, or views of same-host shared memory (see ``shm``)."""
         adapter = request.metadata.get("active_adapter")
         if adapter:  # as a Petals server without that adapter does: refuse rather than compute without it
             raise ProtocolError(f"adapter {str(adapter)[:100]!r} not found: this server serves no adapters")
@@ -163,15 +171,25 @@ class TransformerConnectionHandler(ServicerBase):
             return request.arrays
         if request.arrays or not isinstance(spec, dict):
             raise ProtocolError("a shared-memory request carries no tensors and names its segments in a map")
-        return await asyncio.to_thread(shm.read, spec.get("inputs", ()))
+        inputs, _ = self.shared_memory.arrays(spec)
+        return inputs
 
-    async def _reply(self, request: Request, results: list, stream: bool, timing: dict) -> list[runtime_pb2.ExpertResponse]:
+    async def _reply(
+        self, request: Request, results: list, stream: bool, timing: dict, arrived: float
+    ) -> list[runtime_pb2.ExpertResponse]:
+        """The reply, with the server's timing: queue wait, compute, and the rest ("io_s": parsing,
+        checks and writing the results; a streamed request's parsing counts as wire time)."""
         spec = request.metadata.get(shm.METADATA_KEY)
         if spec is not None:
-            await asyncio.to_thread(shm.write, spec.get("outputs", ()), results)
+            _, places = self.shared_memory.arrays(spec)
+            await asyncio.to_thread(shm.write, places, results)
+            timing["io_s"] = time.perf_counter() - arrived - timing["wait_s"] - timing["compute_s"]
             return [runtime_pb2.ExpertResponse(metadata=protocol.encode_metadata(timing))]
         compression = self._reply_compression(request.metadata, len(results))
-        return protocol.response_parts(results, compression, stream, timing)
+        parts = await asyncio.to_thread(protocol.response_parts, results, compression, stream)
+        timing["io_s"] = time.perf_counter() - arrived - timing["wait_s"] - timing["compute_s"]
+        parts[0].metadata = protocol.encode_metadata(timing)
+        return parts
 
     def _served(self, uids: str) -> tuple[int, int]:
         start, end = protocol.parse_span_uids(uids, self.dht_prefix)

@@ -9,6 +9,7 @@ of raw tensor data are streamed in parts of at most ``DEFAULT_MAX_MSG_SIZE``, as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
@@ -16,11 +17,11 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 import ml_dtypes
 import numpy as np
 import torch
+from hivemind.compression.base import USE_LEGACY_BFLOAT16
 from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, MAX_UNARY_PAYLOAD_SIZE
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
-from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from jaxseq.routing import ServerRecord, ServerState
 
@@ -76,13 +77,34 @@ def parse_span_uids(uids: str, dht_prefix: str) -> tuple[int, int]:
     return indices[0], indices[-1] + 1
 
 
-# --- tensors ----------------------------------------------------------------------------------
-def _to_torch(array: np.ndarray) -> torch.Tensor:
-    """A torch view of the array, for serialization only. Arrays from JAX are read-only, which torch
-    warns about; serialization never writes to its input, so that warning is silenced here alone."""
-    array = np.ascontiguousarray(array)
+# --- tensors ---------------------------------------------------------------------------------
+# Uncompressed tensors are written and read here, straight from and into numpy's buffers, in
+# hivemind's exact format (raw little-endian bytes; bfloat16 as hivemind sends it); hivemind's
+# torch round trip made about ten copies of every tensor. Compressed ones go through hivemind.
+_RAW_DTYPES = {
+    name: np.dtype(dtype)
+    for name, dtype in [
+        ("float32", np.float32), ("float16", np.float16), ("float64", np.float64), ("bfloat16", ml_dtypes.bfloat16),
+        ("int64", np.int64), ("int32", np.int32), ("int16", np.int16), ("int8", np.int8), ("uint8", np.uint8),
+        ("bool", np.bool_),
+    ]
+}  # fmt: skip
+_DUMMY = np.empty(0, np.float32)  # Petals' dummy tensor: torch.empty(0)
+
+
+@contextlib.contextmanager
+def _read_only_arrays_as_tensors():
+    """Arrays from JAX and from messages are read-only, which torch warns about when it wraps them;
+    (de)compression never writes to its input, so that warning is silenced here alone."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        yield
+
+
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    """A torch view of the array, for compression only."""
+    array = np.ascontiguousarray(array)
+    with _read_only_arrays_as_tensors():
         if array.dtype == ml_dtypes.bfloat16:
             return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
         return torch.from_numpy(array)
@@ -94,20 +116,75 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def is_float(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16
+
+
+def _encode(array: Optional[np.ndarray], compression: str) -> tuple[dict, Any]:
+    """A tensor message's header fields, and its payload (a buffer)."""
+    array = _DUMMY if array is None else np.ascontiguousarray(array)
+    if compression == "none" or not is_float(array) or array.size == 0:  # hivemind can't compress empty tensors
+        name = "bfloat16" if array.dtype == ml_dtypes.bfloat16 else array.dtype.name
+        if name not in _RAW_DTYPES:
+            raise ValueError(f"can't send arrays of dtype {array.dtype}; use one of {sorted(_RAW_DTYPES)}")
+        if name == "bfloat16":  # as hivemind sends it: widened to float32 by default (older peers expect that)
+            data = array.astype(np.float32) if USE_LEGACY_BFLOAT16 else array.view(np.uint16)
+        else:
+            data = array
+        header = dict(compression=COMPRESSIONS["none"], size=array.shape, dtype=name, requires_grad=False)
+        return header, memoryview(data.reshape(-1)).cast("B")
+    tensor = serialize_torch_tensor(_to_torch(array), COMPRESSIONS[compression])
+    header = dict(compression=tensor.compression, size=tensor.size, dtype=tensor.dtype, requires_grad=tensor.requires_grad)
+    return header, tensor.buffer
+
+
+def tensor_parts(array: Optional[np.ndarray], compression: str = "none", chunk_bytes: Optional[int] = None) -> list[dict]:
+    """The fields of an array's tensor message (``None``: Petals' dummy tensor), or, with ``chunk_bytes``,
+    of its streamed parts as hivemind's ``split_for_streaming`` makes them. Add each to a message
+    with ``message.tensors.add(**fields)``: building messages from ``Tensor`` objects copies slowly."""
+    header, payload = _encode(array, compression)
+    if chunk_bytes is None:
+        return [dict(header, buffer=bytes(payload))]
+    starts = range(0, len(payload), chunk_bytes)
+    first = dict(header, chunks=len(starts), buffer=bytes(payload[:chunk_bytes]))
+    return [first] + [dict(buffer=bytes(payload[start : start + chunk_bytes])) for start in starts[1:]]
+
+
 def serialize(array: Optional[np.ndarray], compression: str = "none") -> runtime_pb2.Tensor:
     """A hivemind tensor message; ``None`` becomes Petals' dummy tensor (empty, float32)."""
-    if array is None:
-        return serialize_torch_tensor(torch.empty(0))
-    compression_type = COMPRESSIONS[compression] if np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16 else COMPRESSIONS["none"]
-    return serialize_torch_tensor(_to_torch(array), compression_type)
+    (fields,) = tensor_parts(array, compression)
+    return runtime_pb2.Tensor(**fields)
+
+
+def _decode(header: runtime_pb2.Tensor, buffer: bytes) -> np.ndarray:
+    shape = tuple(header.size)
+    dtype = _RAW_DTYPES.get(header.dtype)
+    if header.compression != COMPRESSIONS["none"] or dtype is None:
+        message = runtime_pb2.Tensor(
+            compression=header.compression, buffer=buffer, size=shape, dtype=header.dtype, requires_grad=header.requires_grad
+        )
+        with _read_only_arrays_as_tensors():
+            return _to_numpy(deserialize_torch_tensor(message).detach())
+    count = int(np.prod(shape, dtype=np.int64))
+    if header.dtype == "bfloat16" and count and len(buffer) == 4 * count:  # hivemind's legacy bfloat16: as float32
+        return np.frombuffer(buffer, np.float32).astype(dtype).reshape(shape)
+    if len(buffer) != count * dtype.itemsize:
+        raise ValueError(f"{len(buffer)} bytes can't hold {count} values of {header.dtype}")
+    return np.frombuffer(buffer, dtype).reshape(shape)  # read-only, sharing the message's bytes
+
+
+def _deserialize_parts(parts: Sequence[runtime_pb2.Tensor]) -> np.ndarray:
+    header = parts[0]
+    try:
+        buffer = header.buffer if len(parts) == 1 else b"".join(part.buffer for part in parts)
+        return _decode(header, buffer)
+    except Exception as error:  # hivemind raises whatever torch or numpy raise on bad buffers
+        raise ProtocolError(f"malformed tensor (dtype {header.dtype!r}, size {list(header.size)[:8]}): {error}") from None
 
 
 def deserialize(message: runtime_pb2.Tensor) -> np.ndarray:
     """The array in a hivemind tensor message (raises ``ProtocolError`` if it is malformed)."""
-    try:
-        return _to_numpy(deserialize_torch_tensor(message).detach())
-    except Exception as error:  # hivemind raises whatever torch or numpy raise on bad buffers
-        raise ProtocolError(f"malformed tensor (dtype {message.dtype!r}, size {list(message.size)[:8]}): {error}") from None
+    return _deserialize_parts([message])
 
 
 def is_dummy(array: np.ndarray) -> bool:
@@ -145,43 +222,38 @@ def make_requests(
     uids: str, arrays: Sequence[Optional[np.ndarray]], metadata: Mapping[str, Any], compression: str = "none"
 ) -> tuple[list[runtime_pb2.ExpertRequest], bool]:
     """The messages of one call, and whether they must be streamed (too large for one unary message)."""
-    tensors = [serialize(a, compression) for a in arrays]
     raw_metadata = encode_metadata(metadata)
-    if raw_bytes(arrays) <= STREAM_THRESHOLD:
-        return [runtime_pb2.ExpertRequest(uid=uids, tensors=tensors, metadata=raw_metadata)], False
-    parts = [
-        runtime_pb2.ExpertRequest(uid=uids, tensors=[part], metadata=raw_metadata)
-        for tensor in tensors
-        for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE)
-    ]
-    return parts, True
+    streamed = raw_bytes(arrays) > STREAM_THRESHOLD
+    parts = [fields for a in arrays for fields in tensor_parts(a, compression, DEFAULT_MAX_MSG_SIZE if streamed else None)]
+    requests = []
+    for group in [[fields] for fields in parts] if streamed else [parts]:
+        request = runtime_pb2.ExpertRequest(uid=uids, metadata=raw_metadata)
+        for fields in group:
+            request.tensors.add(**fields)
+        requests.append(request)
+    return requests, streamed
 
 
-def response_parts(
-    arrays: Sequence[np.ndarray], compression: str, stream: bool, metadata: Optional[Mapping[str, Any]] = None
-) -> list[runtime_pb2.ExpertResponse]:
-    """Reply messages; ``metadata`` (e.g. the server's timing) rides on the first one, where Petals clients ignore it."""
-    tensors = [serialize(a, compression) for a in arrays]
-    if not stream:
-        responses = [runtime_pb2.ExpertResponse(tensors=tensors)]
-    else:
-        responses = [
-            runtime_pb2.ExpertResponse(tensors=[part])
-            for t in tensors
-            for part in split_for_streaming(t, DEFAULT_MAX_MSG_SIZE)
-        ]
-    if metadata:
-        responses[0].metadata = encode_metadata(metadata)
+def response_parts(arrays: Sequence[np.ndarray], compression: str, stream: bool) -> list[runtime_pb2.ExpertResponse]:
+    """Reply messages: one, or (``stream``) parts of at most hivemind's message size."""
+    parts = [fields for a in arrays for fields in tensor_parts(a, compression, DEFAULT_MAX_MSG_SIZE if stream else None)]
+    responses = []
+    for group in [[fields] for fields in parts] if stream else [parts]:
+        response = runtime_pb2.ExpertResponse()
+        for fields in group:
+            response.tensors.add(**fields)
+        responses.append(response)
     return responses
 
 
 def reply_timing(raw: bytes) -> dict:
-    """The timing a jaxseq server puts in its reply's metadata: ``{"compute_s", "wait_s"}``; {} if absent or malformed."""
+    """The timing a jaxseq server puts on its reply's first message (where Petals clients ignore it):
+    ``{"compute_s", "wait_s", "io_s"}``; {} if absent or malformed."""
     try:
         metadata = decode_metadata(raw)
     except ProtocolError:
         return {}
-    return {k: float(v) for k, v in metadata.items() if k in ("compute_s", "wait_s") and isinstance(v, (int, float))}
+    return {k: float(v) for k, v in metadata.items() if k in ("compute_s", "wait_s", "io_s") and isinstance(v, (int, float))}
 
 
 def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[np.ndarray]:
@@ -191,7 +263,7 @@ def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[np.ndarray]:
         if part.dtype or not tensors:
             tensors.append([])
         tensors[-1].append(part)
-    return [deserialize(combine_from_streaming(chunks)) for chunks in tensors]
+    return [_deserialize_parts(chunks) for chunks in tensors]
 
 
 @dataclasses.dataclass

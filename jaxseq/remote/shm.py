@@ -1,20 +1,37 @@
-"""Same-host tensor exchange through ``/dev/shm``: a jaxseq extension to Petals' protocol.
+"""Same-host tensor exchange through sealed memory files: a jaxseq extension to Petals' protocol.
 
-When a jaxseq client and a jaxseq server run on one machine (the server announces its ``host_id``),
-the request carries no tensor bytes: the client writes its tensors into files in ``/dev/shm``,
-creates the files for the results, and names them all in the request's metadata; the server reads
-the inputs and writes the results in place. That is a few memory copies instead of serialization
-through two p2pd daemons and a socket. The client owns every file and removes them after the call.
-Petals peers never see this: Petals servers don't announce a host id, Petals clients never send it.
+When a jaxseq client and a jaxseq server run on one machine (the server announces this machine's
+``host_id``), a request carries no tensor bytes. The client keeps a pool of memory files
+(``memfd``), writes its inputs into one, and names in the request's metadata its process id, the
+files, and where the inputs are and where the results must go. The server maps the files once
+(mappings are cached), reads the inputs in place and writes the results in place; the client hands
+the results on as views of its file, which goes back to the pool when the last view is released.
+That is one memory copy each way, instead of serialization through two p2pd daemons and a socket.
+
+The files are sealed against resizing, so a client can't make a server fault (SIGBUS) by
+truncating a mapped file, and a server maps only sealed files owned by its own user. Petals peers
+never see any of this: Petals servers don't announce a host id, Petals clients never send the key.
+
+Example (both sides in one process here; normally the server side runs in the server):
+    >>> pool = SegmentPool()
+    >>> exchange = pool.exchange([np.ones((2, 3), np.float32)], [((2, 3), np.float32)])
+    >>> inputs, outputs = ServerMappings().arrays(exchange.spec)
+    >>> outputs[0][...] = 2 * inputs[0]
+    >>> exchange.results()[0].sum()
+    12.0
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
+import dataclasses
+import fcntl
+import mmap
 import os
-import re
 import socket
-import uuid
+import stat
+import threading
+import weakref
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,131 +40,268 @@ import numpy as np
 
 from jaxseq.remote.protocol import ProtocolError
 
-SHM_DIR = Path("/dev/shm")
-METADATA_KEY = "jaxseq_shm"  # {"inputs": [[name, dtype, shape], ...], "outputs": [...]}
-HOST_KEY = "jaxseq_host"  # in a server's DHT record: the machine it runs on
-_NAME = re.compile(r"jaxseq-[0-9a-f]{32}")
+METADATA_KEY = "jaxseq_shm"  # {"pid", "segments": [[fd, inode, size]], "inputs"/"outputs": [[segment, offset, dtype, shape]]}
+HOST_KEY = "jaxseq_host"  # in a server's DHT record: the machine (and pid namespace) it runs on
 _DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+_ALIGN = 64
+_GRANULE = 1 << 16  # segment sizes are rounded up to this, so that similar calls reuse segments
 _MAX_NDIM = 4
 
 
 def host_id() -> Optional[str]:
-    """This machine's identity for the current boot, or None where ``/dev/shm`` can't be used."""
+    """This machine's identity for the current boot and pid namespace, or None where memfds can't be shared."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return None
-    return f"{socket.gethostname()}/{boot}" if SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK) else None
+    return f"{socket.gethostname()}/{boot}/{pid_namespace}" if hasattr(os, "memfd_create") else None
 
 
-def _descriptor(name: str, shape, dtype) -> list:
-    return [name, np.dtype(dtype).name, list(shape)]
+def _aligned(n: int, to: int = _ALIGN) -> int:
+    return -(-n // to) * to
 
 
-def _parse(descriptor) -> tuple[Path, np.dtype, tuple[int, ...]]:
-    """Validate a descriptor from a peer: a jaxseq file name, a float dtype, a small non-negative shape."""
-    if not (isinstance(descriptor, (list, tuple)) and len(descriptor) == 3):
-        raise ProtocolError(f"shared-memory descriptor must be [name, dtype, shape], got {descriptor!r:.100}")
-    name, dtype, shape = descriptor
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ProtocolError(f"shared-memory name {name!r:.80} is not a jaxseq segment name")
-    if dtype not in _DTYPES:
-        raise ProtocolError(f"shared-memory dtype {dtype!r:.40} is not one of {sorted(_DTYPES)}")
-    if not (isinstance(shape, (list, tuple)) and len(shape) <= _MAX_NDIM and all(isinstance(d, int) and 0 <= d < 2**31 for d in shape)):
-        raise ProtocolError(f"shared-memory shape {shape!r:.80} is invalid")
-    return SHM_DIR / name, np.dtype(_DTYPES[dtype]), tuple(shape)
+def _nbytes(shape: Sequence[int], dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def _open(path: Path, dtype: np.dtype, shape: tuple[int, ...], flags: int) -> tuple[int, int]:
-    """An fd on the segment and its size in bytes, which must be exactly what ``shape`` and ``dtype`` take."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW)
-    except OSError as error:
-        raise ProtocolError(f"shared-memory segment {path.name} can't be opened: {error.strerror}") from None
-    if os.fstat(fd).st_size != nbytes:
-        os.close(fd)
-        raise ProtocolError(f"shared-memory segment {path.name} does not hold {nbytes} bytes")
-    return fd, nbytes
+def _view(mapping: mmap.mmap, offset: int, dtype, shape: Sequence[int]) -> np.ndarray:
+    return np.frombuffer(mapping, np.uint8, _nbytes(shape, dtype), offset).view(dtype).reshape(shape)
 
 
-def _read(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    fd, nbytes = _open(path, dtype, shape, os.O_RDONLY)
-    try:
-        array = np.empty(shape, dtype)
-        view, done = memoryview(array).cast("B"), 0
-        while done < nbytes:
-            n = os.readv(fd, [view[done:]])
-            if n == 0:
-                raise ProtocolError(f"shared-memory segment {path.name} ended early")
-            done += n
-        return array
-    finally:
-        os.close(fd)
+@dataclasses.dataclass(eq=False)
+class _Segment:
+    """A sealed memory file of the client's and its mapping."""
 
+    fd: int
+    inode: int
+    size: int
+    mapping: mmap.mmap
 
-def _write(path: Path, array: np.ndarray, flags: int = os.O_WRONLY) -> None:
-    fd, _ = _open(path, array.dtype, array.shape, flags)
-    try:
-        data, done = memoryview(np.ascontiguousarray(array)).cast("B"), 0
-        while done < len(data):
-            done += os.write(fd, data[done:])
-    finally:
-        os.close(fd)
-
-
-def read(descriptors: Sequence) -> list[np.ndarray]:
-    """The arrays a peer placed in shared memory (copied out)."""
-    return [_read(*_parse(descriptor)) for descriptor in descriptors]
-
-
-def write(descriptors: Sequence, arrays: Sequence[np.ndarray]) -> None:
-    """Write results into the segments a peer created for them; shapes and dtypes must match."""
-    if len(descriptors) != len(arrays):
-        raise ProtocolError(f"the request names {len(descriptors)} result segments for {len(arrays)} results")
-    for descriptor, array in zip(descriptors, arrays):
-        path, dtype, shape = _parse(descriptor)
-        if shape != array.shape:
-            raise ProtocolError(f"result segment {path.name} is for shape {list(shape)}, the result is {list(array.shape)}")
-        _write(path, array.astype(dtype, copy=False))
-
-
-class Segments:
-    """The client's side of one call: segments holding its inputs and awaiting the results; removed on exit."""
-
-    def __init__(self, inputs: Sequence[np.ndarray], outputs: Sequence[tuple[tuple[int, ...], np.dtype]]):
-        self._paths: list[Path] = []
+    @classmethod
+    def create(cls, size: int) -> "_Segment":
+        fd = os.memfd_create("jaxseq", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            self.inputs = [self._create(a.shape, a.dtype, a) for a in inputs]
-            self.outputs = [self._create(shape, dtype) for shape, dtype in outputs]
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+            return cls(fd, os.fstat(fd).st_ino, size, mmap.mmap(fd, size))
         except BaseException:
-            self.close()
+            os.close(fd)
             raise
 
-    def _create(self, shape, dtype, array: Optional[np.ndarray] = None) -> list:
-        name = f"jaxseq-{uuid.uuid4().hex}"
-        path = SHM_DIR / name
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self._paths.append(path)
+    def close(self) -> None:
         try:
-            os.ftruncate(fd, nbytes)
-        finally:
-            os.close(fd)
-        if array is not None:
-            _write(path, array)
-        return _descriptor(name, shape, dtype)
+            self.mapping.close()
+        except BufferError:  # views are still alive; the mapping goes when they do
+            pass
+        os.close(self.fd)
+
+
+class Exchange:
+    """One call's segments (one for the inputs, one for the results) and its metadata ``spec``.
+
+    After the server replies, ``results()`` gives the results as read-only views (the input segment
+    goes back to the pool at once, the result segment when the last view is released). If the
+    call fails or is abandoned, ``discard()`` closes both instead: the server may still write.
+    """
+
+    def __init__(self, pool: "SegmentPool", inputs: Sequence[np.ndarray], outputs: Sequence[tuple[tuple, np.dtype]]):
+        self._pool = pool
+        in_places, in_size = _layout([(a.shape, a.dtype) for a in inputs], segment=0)
+        out_places, out_size = _layout(outputs, segment=1)
+        self._segments = [pool.acquire(in_size)]
+        try:
+            self._segments.append(pool.acquire(out_size))
+            for (_, offset, _, _), array in zip(in_places, inputs):
+                np.copyto(_view(self._segments[0].mapping, offset, array.dtype, array.shape), array)
+        except BaseException:
+            self.discard()
+            raise
+        self._outputs = out_places
+        self.spec = {
+            "pid": os.getpid(),
+            "segments": [[s.fd, s.inode, s.size] for s in self._segments],
+            "inputs": in_places,
+            "outputs": out_places,
+        }
 
     def results(self) -> list[np.ndarray]:
-        return read(self.outputs)
+        inputs, outputs = self._segments
+        self._pool.release(inputs)
+        owner = np.frombuffer(outputs.mapping, np.uint8)
+        weakref.finalize(owner, self._pool.release, outputs)
+        views = [owner[o : o + _nbytes(s, d)].view(_DTYPES[d]).reshape(s) for _, o, d, s in self._outputs]
+        for view in views:
+            view.flags.writeable = False
+        self._segments = []
+        return views
+
+    def discard(self) -> None:
+        for segment in self._segments:
+            segment.close()
+        self._segments = []
+
+
+def _layout(arrays: Sequence[tuple[tuple, np.dtype]], segment: int) -> tuple[list, int]:
+    """Places ``[segment, offset, dtype, shape]`` of ``arrays`` packed into one segment, and its size."""
+    places, offset = [], 0
+    for shape, dtype in arrays:
+        places.append([segment, offset, np.dtype(dtype).name, [int(d) for d in shape]])
+        offset = _aligned(offset + _nbytes(shape, dtype))
+    return places, max(_GRANULE, _aligned(offset, _GRANULE))
+
+
+class SegmentPool:
+    """The client's memory files, reused across calls (pages already faulted in are faster to fill).
+
+    ``max_idle`` bounds the unused segments kept; the least recently used beyond it are closed.
+    Segments come back from garbage collection (when a call's last result view dies), which can
+    run inside any allocation, also one under the pool's lock: then they wait in a lock-free queue.
+    """
+
+    def __init__(self, max_idle: int = 8):
+        self.max_idle = max_idle
+        self._idle: collections.OrderedDict[_Segment, None] = collections.OrderedDict()
+        self._returned: collections.deque[_Segment] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def exchange(self, inputs: Sequence[np.ndarray], outputs: Sequence[tuple[tuple, np.dtype]]) -> Exchange:
+        """Segments holding ``inputs`` and room for results of the given shapes and dtypes."""
+        return Exchange(self, inputs, outputs)
+
+    def acquire(self, size: int) -> _Segment:
+        with self._lock:
+            self._take_returned()
+            fits = [s for s in self._idle if size <= s.size <= 2 * size]
+            if fits:
+                segment = min(fits, key=lambda s: s.size)
+                del self._idle[segment]
+                return segment
+        return _Segment.create(size)
+
+    def release(self, segment: _Segment) -> None:
+        self._returned.append(segment)
+        if self._closed:
+            self._close_returned()
+        elif self._lock.acquire(blocking=False):  # else whoever holds it, or the next acquire, takes it in
+            try:
+                self._take_returned()
+            finally:
+                self._lock.release()
+
+    def _take_returned(self) -> None:
+        while self._returned:
+            self._idle[self._returned.popleft()] = None
+        while len(self._idle) > self.max_idle:
+            self._idle.popitem(last=False)[0].close()
+
+    def _close_returned(self) -> None:
+        while True:
+            try:
+                self._returned.popleft().close()
+            except IndexError:
+                return
 
     def close(self) -> None:
-        for path in self._paths:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        """Close the idle segments; those still in use close when released."""
+        self._closed = True
+        self._close_returned()
+        with self._lock:
+            idle, self._idle = list(self._idle), collections.OrderedDict()
+        for segment in idle:
+            segment.close()
 
-    def __enter__(self) -> "Segments":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+class ServerMappings:
+    """A server's mappings of its clients' segments: made on first use, ``max_mappings`` kept (LRU)."""
+
+    def __init__(self, max_mappings: int = 64, max_bytes: int = 1 << 30):
+        self.max_mappings = max_mappings
+        self.max_bytes = max_bytes
+        self._mappings: collections.OrderedDict[tuple, mmap.mmap] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def arrays(self, spec) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Views of the request's inputs, and of the places its results go."""
+        if not isinstance(spec, dict) or not isinstance(spec.get("pid"), int) or spec["pid"] <= 0:
+            raise ProtocolError("a shared-memory spec must be a map with the client's pid")
+        segments = spec.get("segments")
+        if not isinstance(segments, list) or len(segments) > 2:
+            raise ProtocolError("a shared-memory spec names at most 2 segments as [fd, inode, size]")
+        mappings = [self._mapping(spec["pid"], segment) for segment in segments]
+        inputs, outputs = spec.get("inputs", []), spec.get("outputs", [])
+        if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) + len(outputs) > 8:
+            raise ProtocolError("shared-memory inputs and outputs must be lists of at most 8 places in all")
+        inputs, outputs = [_place(p, mappings) for p in inputs], [_place(p, mappings) for p in outputs]
+        if sum(_nbytes(shape, dtype) for _, _, dtype, shape in inputs) > self.max_bytes:
+            raise ProtocolError(f"shared-memory inputs exceed this server's limit of {self.max_bytes} bytes")
+        return [_view(*place) for place in inputs], [_view(*place) for place in outputs]
+
+    def _mapping(self, pid: int, segment) -> mmap.mmap:
+        if not (isinstance(segment, list) and len(segment) == 3 and all(isinstance(v, int) and v >= 0 for v in segment)):
+            raise ProtocolError(f"a shared-memory segment must be [fd, inode, size], got {segment!r:.80}")
+        key = (pid, *segment)
+        with self._lock:
+            if key in self._mappings:
+                self._mappings.move_to_end(key)
+                return self._mappings[key]
+        mapping = _map_client_segment(pid, *segment)
+        with self._lock:
+            self._mappings[key] = mapping
+            while len(self._mappings) > self.max_mappings:
+                self._mappings.popitem(last=False)  # unmapped once no view of it is left
+        return mapping
+
+
+def _map_client_segment(pid: int, fd: int, inode: int, size: int) -> mmap.mmap:
+    """Map the client's memory file, if it is what the client says and can't shrink under us."""
+    try:
+        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as error:
+        raise ProtocolError(f"shared-memory segment {pid}/{fd} can't be opened: {error.strerror}") from None
+    try:
+        info = os.fstat(own)
+        if not stat.S_ISREG(info.st_mode) or info.st_ino != inode or info.st_size != size or size == 0:
+            raise ProtocolError(f"shared-memory segment {pid}/{fd} is not the file of {size} bytes the request names")
+        if info.st_uid != os.geteuid():
+            raise ProtocolError(f"shared-memory segment {pid}/{fd} belongs to another user")
+        try:
+            seals = fcntl.fcntl(own, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if seals & _SEALS != _SEALS:
+            raise ProtocolError(f"shared-memory segment {pid}/{fd} is not sealed against resizing")
+        return mmap.mmap(own, size)
+    finally:
+        os.close(own)
+
+
+def _place(place, mappings: list[mmap.mmap]) -> tuple[mmap.mmap, int, np.dtype, tuple[int, ...]]:
+    """Validate ``[segment, offset, dtype, shape]`` from a peer against the mapped segments."""
+    if not (isinstance(place, list) and len(place) == 4):
+        raise ProtocolError(f"a shared-memory place must be [segment, offset, dtype, shape], got {place!r:.100}")
+    segment, offset, dtype, shape = place
+    if not (isinstance(segment, int) and 0 <= segment < len(mappings)):
+        raise ProtocolError(f"shared-memory place names segment {segment!r:.20}, but the spec has {len(mappings)}")
+    if dtype not in _DTYPES:
+        raise ProtocolError(f"shared-memory dtype {dtype!r:.40} is not one of {sorted(_DTYPES)}")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(isinstance(d, int) and 0 <= d < 2**31 for d in shape)):
+        raise ProtocolError(f"shared-memory shape {shape!r:.80} is invalid")
+    dtype = np.dtype(_DTYPES[dtype])
+    mapping = mappings[segment]
+    if not (isinstance(offset, int) and offset >= 0 and offset % _ALIGN == 0) or offset + _nbytes(shape, dtype) > len(mapping):
+        raise ProtocolError(f"shared-memory place at offset {offset!r:.20} does not fit its segment")
+    return mapping, offset, dtype, tuple(shape)
+
+
+def write(places: Sequence[np.ndarray], arrays: Sequence[np.ndarray]) -> None:
+    """Write results into the places a client made for them; shapes must match."""
+    if len(places) != len(arrays):
+        raise ProtocolError(f"the request has room for {len(places)} results, there are {len(arrays)}")
+    for place, array in zip(places, arrays):
+        if place.shape != array.shape:
+            raise ProtocolError(f"a result place is for shape {list(place.shape)}, the result is {list(array.shape)}")
+        np.copyto(place, array, casting="same_kind")

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import ml_dtypes
 import numpy as np
 
-from jaxseq.remote.protocol import ProtocolError, is_dummy
+from jaxseq.remote.protocol import ProtocolError, is_dummy, is_float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,10 +16,6 @@ class Limits:
 
     hidden_size: int
     max_tokens: int
-
-
-def _is_float(array: np.ndarray) -> bool:
-    return np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16
 
 
 def _check_hidden(name: str, array: np.ndarray, limits: Limits) -> None:
@@ -36,7 +31,7 @@ def _check_hidden(name: str, array: np.ndarray, limits: Limits) -> None:
             f"{name} has {batch} x {seq} = {batch * seq} tokens; this server accepts at most {limits.max_tokens} "
             "per request (send smaller micro-batches)"
         )
-    if not _is_float(array):
+    if not is_float(array):
         raise ProtocolError(f"{name} must be floating point, got {array.dtype}")
     if not np.isfinite(array).all():
         raise ProtocolError(f"{name} has non-finite values")
@@ -54,7 +49,7 @@ def _check_prompts(prompts: np.ndarray, hidden: np.ndarray, n_blocks: int) -> np
         )
     if prompts.shape[2] > seq:
         raise ProtocolError(f"prompt length {prompts.shape[2]} exceeds the sequence length {seq}")
-    if not _is_float(prompts):
+    if not is_float(prompts):
         raise ProtocolError(f"prompts must be floating point, got {prompts.dtype}")
     if not np.isfinite(prompts).all():
         raise ProtocolError("prompts have non-finite values")
