@@ -17,8 +17,8 @@ Example (both sides in one process here; normally the server side runs in the se
     >>> exchange = pool.exchange([np.ones((2, 3), np.float32)], [((2, 3), np.float32)])
     >>> inputs, outputs = ServerMappings().arrays(exchange.spec)
     >>> outputs[0][...] = 2 * inputs[0]
-    >>> exchange.results()[0].sum()
-    12.0
+    >>> exchange.results()[0].tolist()
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
 """
 
 from __future__ import annotations
