@@ -191,7 +191,7 @@ class RemoteSequenceManager(SequenceManager):
     async def _call(
         self, span: Span, rpc: tuple[str, str], arrays: list, results: list[tuple[tuple, np.dtype]], cache_id: str
     ) -> list[np.ndarray]:
-        """One RPC: through ``/dev/shm`` to a jaxseq server on this machine, else over the wire.
+        """One RPC: through shared memory (see ``shm``) to a jaxseq server on this machine, else over the wire.
         ``results`` are the shapes and dtypes the reply must have (for the shared-memory segments)."""
         if self.config.shared_memory and self._same_host(span.peer):
             try:

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-period", type=float, default=60.0, help="seconds between DHT announcements")
     p.add_argument("--cache-mb", type=float, default=1024, help="MiB of forward activations kept for backward (LRU)")
     p.add_argument("--cache-ttl", type=float, default=120.0, help="seconds a kept activation may wait for its backward")
-    p.add_argument("--no-shared-memory", action="store_true", help="don't offer same-host clients /dev/shm transfers")
+    p.add_argument("--no-shared-memory", action="store_true", help="don't offer same-host clients shared-memory transfers")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for compute; more get 'server busy'")
     p.add_argument("--allowed-clients", nargs="+", metavar="PEER_ID", help="serve only these client peer ids (base58)")
     p.add_argument("--identity", help="file with this server's private key (created if missing): a stable peer id")
