@@ -126,11 +126,12 @@ class TransformerConnectionHandler(ServicerBase):
         self, request: Request, context: P2PContext, arrived: float, stream: bool
     ) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
-        hidden, prompts = validation.forward_inputs(self._arrays(request), end - start, self.limits)
+        arrays, result_places = self._arrays(request)
+        hidden, prompts = validation.forward_inputs(arrays, end - start, self.limits)
         key = self._cache_key(request, context)
         out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key)
         self.computed["forward"] += 1
-        return await self._reply(request, [out], stream, timing, arrived)
+        return await self._reply(request, [out], result_places, stream, timing, arrived)
 
     # --- backward ------------------------------------------------------------------------------
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -151,42 +152,41 @@ class TransformerConnectionHandler(ServicerBase):
         self, request: Request, context: P2PContext, arrived: float, stream: bool
     ) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
-        inputs, grad_outputs, prompts = validation.backward_inputs(self._arrays(request), end - start, self.limits)
+        arrays, result_places = self._arrays(request)
+        inputs, grad_outputs, prompts = validation.backward_inputs(arrays, end - start, self.limits)
         key = self._cache_key(request, context)
         (grad_inputs, grad_prompts), timing = await self._compute(
             self.backend.backward, inputs, prompts, grad_outputs, start, end, key
         )
         self.computed["backward"] += 1
         grads = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
-        return await self._reply(request, grads, stream, timing, arrived)
+        return await self._reply(request, grads, result_places, stream, timing, arrived)
 
     # --- helpers -------------------------------------------------------------------------------
-    def _arrays(self, request: Request) -> list:
-        """The request's tensors: from its messages, or views of same-host shared memory (see ``shm``)."""
+    def _arrays(self, request: Request) -> tuple[list, Optional[list]]:
+        """The request's tensors, and where its results go: in its messages and in the reply's, or
+        (see ``shm``) views of the client's shared memory and the places it made for the results."""
         adapter = request.metadata.get("active_adapter")
         if adapter:  # as a Petals server without that adapter does: refuse rather than compute without it
             raise ProtocolError(f"adapter {str(adapter)[:100]!r} not found: this server serves no adapters")
         spec = request.metadata.get(shm.METADATA_KEY)
         if spec is None:
-            return request.arrays
+            return request.arrays, None
         if request.arrays or not isinstance(spec, dict):
             raise ProtocolError("a shared-memory request carries no tensors and names its segments in a map")
-        inputs, _ = self.shared_memory.arrays(spec)
-        return inputs
+        return self.shared_memory.arrays(spec)
 
     async def _reply(
-        self, request: Request, results: list, stream: bool, timing: dict, arrived: float
+        self, request: Request, results: list, result_places: Optional[list], stream: bool, timing: dict, arrived: float
     ) -> list[runtime_pb2.ExpertResponse]:
         """The reply, with the server's timing: queue wait, compute, and the rest ("io_s": parsing,
         checks and writing the results; a streamed request's parsing counts as wire time)."""
-        spec = request.metadata.get(shm.METADATA_KEY)
-        if spec is not None:
-            _, places = self.shared_memory.arrays(spec)
-            await asyncio.to_thread(shm.write, places, results)
-            timing["io_s"] = time.perf_counter() - arrived - timing["wait_s"] - timing["compute_s"]
-            return [runtime_pb2.ExpertResponse(metadata=protocol.encode_metadata(timing))]
-        compression = self._reply_compression(request.metadata, len(results))
-        parts = await asyncio.to_thread(protocol.response_parts, results, compression, stream)
+        if result_places is not None:
+            await asyncio.to_thread(shm.write, result_places, results)
+            parts = [runtime_pb2.ExpertResponse()]
+        else:
+            compression = self._reply_compression(request.metadata, len(results))
+            parts = await asyncio.to_thread(protocol.response_parts, results, compression, stream)
         timing["io_s"] = time.perf_counter() - arrived - timing["wait_s"] - timing["compute_s"]
         parts[0].metadata = protocol.encode_metadata(timing)
         return parts

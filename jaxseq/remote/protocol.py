@@ -218,32 +218,33 @@ def cache_id(metadata: Mapping[str, Any]) -> Optional[str]:
     return value if isinstance(value, str) and 0 < len(value) <= 128 else None
 
 
+def _messages(message_type, arrays: Sequence[Optional[np.ndarray]], compression: str, stream: bool, **fields) -> list:
+    """``message_type`` messages carrying ``arrays``: one, or (``stream``) one per part of at most
+    hivemind's message size; each also gets ``fields``."""
+    parts = [p for a in arrays for p in tensor_parts(a, compression, DEFAULT_MAX_MSG_SIZE if stream else None)]
+    messages = []
+    for group in [[p] for p in parts] if stream else [parts]:
+        message = message_type(**fields)
+        for part in group:
+            message.tensors.add(**part)
+        messages.append(message)
+    return messages
+
+
 def make_requests(
     uids: str, arrays: Sequence[Optional[np.ndarray]], metadata: Mapping[str, Any], compression: str = "none"
 ) -> tuple[list[runtime_pb2.ExpertRequest], bool]:
     """The messages of one call, and whether they must be streamed (too large for one unary message)."""
-    raw_metadata = encode_metadata(metadata)
     streamed = raw_bytes(arrays) > STREAM_THRESHOLD
-    parts = [fields for a in arrays for fields in tensor_parts(a, compression, DEFAULT_MAX_MSG_SIZE if streamed else None)]
-    requests = []
-    for group in [[fields] for fields in parts] if streamed else [parts]:
-        request = runtime_pb2.ExpertRequest(uid=uids, metadata=raw_metadata)
-        for fields in group:
-            request.tensors.add(**fields)
-        requests.append(request)
+    requests = _messages(
+        runtime_pb2.ExpertRequest, arrays, compression, streamed, uid=uids, metadata=encode_metadata(metadata)
+    )
     return requests, streamed
 
 
 def response_parts(arrays: Sequence[np.ndarray], compression: str, stream: bool) -> list[runtime_pb2.ExpertResponse]:
     """Reply messages: one, or (``stream``) parts of at most hivemind's message size."""
-    parts = [fields for a in arrays for fields in tensor_parts(a, compression, DEFAULT_MAX_MSG_SIZE if stream else None)]
-    responses = []
-    for group in [[fields] for fields in parts] if stream else [parts]:
-        response = runtime_pb2.ExpertResponse()
-        for fields in group:
-            response.tensors.add(**fields)
-        responses.append(response)
-    return responses
+    return _messages(runtime_pb2.ExpertResponse, arrays, compression, stream)
 
 
 def reply_timing(raw: bytes) -> dict:
