@@ -22,6 +22,19 @@ def call(manager: SequenceManager, coro: Coroutine) -> Any:
         raise
 
 
+def _check_finite(manager: SequenceManager, **arrays: np.ndarray) -> None:
+    """Refuse NaN or inf from the caller before any call. Servers refuse such inputs (or answer with
+    NaN), which the retry loop can't tell from a faulty server: it would ban healthy servers for it."""
+    for name, array in arrays.items():
+        if not np.isfinite(array).all():
+            error = ValueError(
+                f"{name.replace('_', ' ')} sent to the swarm have non-finite values (NaN or inf); nothing was sent. "
+                "Find where they arise with jax.config.update('jax_debug_nans', True), or lower the learning rate"
+            )
+            manager.record_error(error)
+            raise error
+
+
 def run_forward(manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, save: bool) -> tuple[np.ndarray, int]:
     """Forward through the whole chain; returns the output and a handle for ``run_backward``.
 
@@ -32,6 +45,7 @@ def run_forward(manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, sa
         >>> out, handle = run_forward(manager, x, prompts, save=True)              # doctest: +SKIP
         >>> grad_x, grad_prompts = run_backward(manager, x, prompts, g, handle)    # doctest: +SKIP
     """
+    _check_finite(manager, hidden_states=x, prompts=prompts)
     out, done = call(manager, sequential_forward(manager, x, prompts))
     return out, (manager.saved.put(done) if save else 0)
 
@@ -44,5 +58,6 @@ def run_backward(
     The state is used once. When it is missing (handle 0, evicted, or already used by an earlier
     backward) the forward is recomputed, so this never fails for that reason.
     """
+    _check_finite(manager, grad_outputs=grad_out)
     done = manager.saved.pop(handle)
     return call(manager, sequential_backward(manager, x, prompts, grad_out, done))

@@ -212,6 +212,26 @@ def test_bad_input_fails_at_trace_time(make_swarm, x_shape, prompts_shape, dtype
     assert swarm.servers[0].calls == {"forward": 0, "backward": 0}
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("where", ["hidden states", "prompts", "grad outputs"])
+def test_non_finite_input_fails_clearly_and_blames_no_server(tiny_cfg, make_swarm, where, value):
+    """NaN or inf from the caller is the caller's problem: a clear error before any call, and no server
+    is banned for it (a server would refuse it, or answer NaN, and either looks like a faulty server)."""
+    swarm, manager = make_swarm([(0, 2), (2, 4), (0, 4)])
+    x, prompts = random_inputs(tiny_cfg, 2, 5, 2)
+    x = x.at[1, 3, 0].set(value) if where == "hidden states" else x
+    prompts = prompts.at[2, 0, 1, 5].set(value) if where == "prompts" else prompts
+    weights = jnp.ones(x.shape).at[0, 0, 0].set(value if where == "grad outputs" else 1.0)
+    loss = lambda x, p: jnp.sum(jaxseq.remote_sequential(x, p, manager) * weights)  # noqa: E731
+    with pytest.raises(Exception, match=f"{where} sent to the swarm have non-finite values"):
+        jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1)))(x, prompts))
+    assert isinstance(manager.last_error, ValueError)
+    assert manager.retries == 0 and not any(outcome != "ok" for _, outcome in manager.outcomes)
+    assert sum(s.calls["backward"] for s in swarm.servers) == 0
+    if where != "grad outputs":
+        assert sum(s.calls["forward"] for s in swarm.servers) == 0
+
+
 def test_saved_state_stays_bounded_over_1000_steps(tiny_cfg, make_swarm):
     swarm, manager = make_swarm([(0, 2), (2, 4)])
     x, prompts = random_inputs(tiny_cfg, 1, 4, 1)
