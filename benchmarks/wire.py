@@ -4,7 +4,8 @@ One server holds one block; the client sends forwards of 8, 16 and 64 MiB of flo
 to it (uncompressed through ``/dev/shm``-style memory files and through p2pd, and compressed through
 p2pd) and times each call. Moving time is the call's wall time less the server's compute and queue
 wait as the server reports them: it still holds both sides' parsing and checks (shape, dtype,
-finiteness). Bytes moved are the request's and the reply's raw tensors.
+finiteness). Bytes moved are the request's and the reply's raw tensors. Ratios are to numpy copies
+warm (in cache), cold (out of cache, as this data is) and into fresh pages (as into a new buffer).
 
     python benchmarks/wire.py [--calls 5]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import mmap
 import statistics
 import tempfile
 import time
@@ -53,24 +55,35 @@ class WireResult:
         return self.nbytes / self.moving_s / 1e9
 
 
-def _median_seconds(fn: Callable[[], object], calls: int = 15) -> float:
-    fn()
+def _median_seconds(fn: Callable[[], object], calls: int = 15, before: Callable[[], object] = lambda: None) -> float:
+    """Median seconds of ``fn`` over ``calls`` calls, each after an untimed ``before``."""
+    before(), fn()
     seconds = []
     for _ in range(calls):
+        before()
         start = time.perf_counter()
         fn()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
 
+MEMCPY = {  # baseline: what it copies
+    "warm": "source and destination in cache (copied just before)",
+    "cold": "after a 256 MiB sweep evicted both, as the server's compute does between calls",
+    "fresh": "into newly mapped pages (page faults included), as into a new buffer",
+}
+
+
 def memcpy_gbps(nbytes: int) -> dict[str, float]:
-    """numpy copies of ``nbytes``: into a buffer written before (warm) and into a new one (fresh pages)."""
+    """numpy copies of ``nbytes`` in the three cache states of ``MEMCPY``."""
     src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    dst.fill(0)
+    dst = np.ones_like(src)
+    sweep = np.ones((256 << 20) // 4, np.float32)
+    fresh = lambda: np.copyto(np.frombuffer(mmap.mmap(-1, nbytes), np.float32), src)  # noqa: E731
     return {
         "warm": nbytes / _median_seconds(lambda: np.copyto(dst, src)) / 1e9,
-        "fresh": nbytes / _median_seconds(lambda: src.copy()) / 1e9,
+        "cold": nbytes / _median_seconds(lambda: np.copyto(dst, src), before=lambda: np.add(sweep, 1, out=sweep)) / 1e9,
+        "fresh": nbytes / _median_seconds(fresh) / 1e9,
     }
 
 
@@ -131,16 +144,17 @@ def _result(transport: str, mib: int, timings: list, out: np.ndarray, reference:
 
 def print_table(results: list[WireResult]) -> None:
     memcpy = {mib: memcpy_gbps(mib << 20) for mib in SIZES_MIB}
-    print("hidden states to a server and back (float32; one block's forward, its compute not counted):")
-    print(f"  memcpy here, warm / fresh buffer: "
-          + ", ".join(f"{mib} MiB {m['warm']:.1f} / {m['fresh']:.1f} GB/s" for mib, m in memcpy.items()))  # fmt: skip
-    print(f"  {'transport':<24}{'MiB':>5}{'ms':>8}{'GB/s':>7}{'/ warm':>8}{'/ fresh':>8}"
-          f"{'client ser':>11}{'server io':>10}{'wire':>8}{'rel err':>10}")  # fmt: skip
+    print("hidden states to a server and back (float32; one block's forward, its compute not counted).")
+    print(f"  memcpy here, GB/s at {' / '.join(str(mib) for mib in SIZES_MIB)} MiB:")
+    for state, what in MEMCPY.items():
+        print(f"    {state:<6}" + " / ".join(f"{memcpy[mib][state]:4.1f}" for mib in SIZES_MIB) + f"   {what}")
+    print(f"  {'transport':<24}{'MiB':>5}{'ms':>8}{'GB/s':>7}" + "".join(f"{'/ ' + state:>8}" for state in MEMCPY)
+          + f"{'client ser':>11}{'server io':>10}{'wire':>8}{'rel err':>10}")  # fmt: skip
     for r in results:
-        m = memcpy[r.mib]
         ser, io, wire = (1000 * v for v in r.parts_s.values())
-        print(f"  {r.transport:<24}{r.mib:>5}{1000 * r.moving_s:>8.1f}{r.gbps:>7.2f}{r.gbps / m['warm']:>8.2f}"
-              f"{r.gbps / m['fresh']:>8.2f}{ser:>11.1f}{io:>10.1f}{wire:>8.1f}{r.rel_err:>10.1e}")  # fmt: skip
+        print(f"  {r.transport:<24}{r.mib:>5}{1000 * r.moving_s:>8.1f}{r.gbps:>7.2f}"
+              + "".join(f"{r.gbps / memcpy[r.mib][state]:>8.2f}" for state in MEMCPY)
+              + f"{ser:>11.1f}{io:>10.1f}{wire:>8.1f}{r.rel_err:>10.1e}")  # fmt: skip
 
 
 def main() -> None:

@@ -51,17 +51,23 @@ def _equal(a: jax.Array, b: jax.Array) -> bool:
 
 @dataclasses.dataclass
 class _Saved:
-    x: jax.Array
+    x: jax.Array  # padded, as computed
     prompts: jax.Array
     vjp: Callable
+    shape: tuple[int, ...]  # of x as sent, before padding
+    dtypes: tuple[np.dtype, np.dtype]  # of x and prompts as sent
     nbytes: int
     created: float
 
 
+class CacheMiss(LookupError):
+    """No forward is kept under the key a backward names: send the backward with its inputs."""
+
+
 class ActivationCache:
     """A span's forward state (its VJP closure, holding the activations), kept for the backward that
-    follows, bounded in bytes (LRU) and in age (TTL). An entry is used once, and only when the
-    backward's inputs are exactly the forward's; otherwise backward recomputes.
+    follows, bounded in bytes (LRU) and in age (TTL). An entry is used once: by a backward whose
+    inputs are exactly the forward's, or by one that names it instead of sending its inputs.
     """
 
     def __init__(self, max_bytes: int, ttl: float):
@@ -72,26 +78,28 @@ class ActivationCache:
         self._entries: collections.OrderedDict[Hashable, _Saved] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, key: Hashable, x: jax.Array, prompts: jax.Array, vjp: Callable) -> None:
+    def put(self, key: Hashable, x: jax.Array, prompts: jax.Array, vjp: Callable, shape: tuple, dtypes: tuple) -> None:
         nbytes = x.nbytes + prompts.nbytes + sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
         if nbytes > self.max_bytes:
             return
         with self._lock:
             self._drop(key)
-            self._entries[key] = _Saved(x, prompts, vjp, nbytes, time.monotonic())
+            self._entries[key] = _Saved(x, prompts, vjp, tuple(shape), tuple(dtypes), nbytes, time.monotonic())
             self.nbytes += nbytes
             while self.nbytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
 
-    def take(self, key: Hashable, x: jax.Array, prompts: jax.Array) -> Optional[Callable]:
+    def take(self, key: Hashable, x: Optional[jax.Array] = None, prompts: Optional[jax.Array] = None) -> Optional[_Saved]:
+        """The entry under ``key``, removed; None when there is none, or when ``x`` and ``prompts`` are
+        given and differ from the entry's."""
         with self._lock:
             now = time.monotonic()
             while self._entries and now - next(iter(self._entries.values())).created > self.ttl:
                 self._drop(next(iter(self._entries)))  # entries are in creation order: the oldest first
             saved = self._drop(key)
-        if saved is not None and _equal(saved.x, x) and _equal(saved.prompts, prompts):
+        if saved is not None and (x is None or (_equal(saved.x, x) and _equal(saved.prompts, prompts))):
             self.hits += 1
-            return saved.vjp
+            return saved
         self.misses += 1
         return None
 
@@ -182,7 +190,7 @@ class BlockBackend:
             out = self._forward(blocks, x_p, prompts_p)
         else:
             out, vjp = jax.vjp(lambda x_, p_: self._forward(blocks, x_, p_), x_p, prompts_p)
-            self.cache.put((cache_key, start, end), x_p, prompts_p, vjp)
+            self.cache.put((cache_key, start, end), x_p, prompts_p, vjp, x.shape, (x.dtype, prompts.dtype))
         return np.asarray(out)[:batch, :seq].astype(x.dtype, copy=False)
 
     def backward(
@@ -195,14 +203,37 @@ class BlockBackend:
         cache_key: Optional[Hashable] = None,
     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Gradients w.r.t. the span's inputs and (if ``prompt_len > 0``) its prompts."""
-        batch, seq, _ = x.shape
         x_p, prompts_p, (grad_p,) = self._padded("backward", start, end, x, prompts, grad_out)
-        vjp = None if cache_key is None else self.cache.take((cache_key, start, end), x_p, prompts_p)
-        if vjp is not None:
-            grad_x, grad_prompts = vjp(grad_p)
+        saved = None if cache_key is None else self.cache.take((cache_key, start, end), x_p, prompts_p)
+        if saved is not None:
+            grads = saved.vjp(grad_p)
         else:
-            grad_x, grad_prompts = self._backward(self._span(start, end), x_p, prompts_p, grad_p)
-        grad_x = np.asarray(grad_x)[:batch, :seq].astype(x.dtype, copy=False)
-        if prompts.shape[2] == 0:
-            return grad_x, None
-        return grad_x, np.asarray(grad_prompts)[:, :batch].astype(prompts.dtype, copy=False)
+            grads = self._backward(self._span(start, end), x_p, prompts_p, grad_p)
+        return _unpadded(grads, x.shape, (x.dtype, prompts.dtype), prompts.shape[2])
+
+    def backward_of_cached(
+        self, grad_out: np.ndarray, start: int, end: int, cache_key: Hashable
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """``backward`` of the forward kept under ``cache_key``, whose inputs needn't be sent again.
+
+        Raises ``CacheMiss`` when none is kept (evicted, expired, or computed elsewhere).
+        """
+        saved = self.cache.take((cache_key, start, end))
+        if saved is None:
+            raise CacheMiss(f"no forward of blocks {start}:{end} is kept under this cache id; send the inputs")
+        if grad_out.shape != saved.shape:
+            raise ValueError(f"grad outputs have shape {list(grad_out.shape)}, but the forward's inputs had {list(saved.shape)}")
+        padded_shape = saved.x.shape
+        grad_p = _padded_copy(grad_out.astype(self.dtype, copy=False), {0: padded_shape[0], 1: padded_shape[1]})
+        with self._lock:
+            self._compiled.add(("backward", end - start, padded_shape, saved.prompts.shape))
+        return _unpadded(saved.vjp(grad_p), saved.shape, saved.dtypes, saved.prompts.shape[2])
+
+
+def _unpadded(grads: tuple, shape: tuple, dtypes: tuple, prompt_len: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Gradients sliced back to the inputs' ``shape`` and cast to their ``dtypes`` (None for empty prompts)."""
+    batch, seq = shape[:2]
+    grad_x = np.asarray(grads[0])[:batch, :seq].astype(dtypes[0], copy=False)
+    if prompt_len == 0:
+        return grad_x, None
+    return grad_x, np.asarray(grads[1])[:, :batch].astype(dtypes[1], copy=False)

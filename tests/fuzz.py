@@ -77,6 +77,9 @@ class Fuzzer:
             # Optional keys with values a server ignores, as Petals servers ignore unknown keys: answered normally.
             "ignorable metadata": lambda r: (fwd, req(self.uids(r), [self.hidden_states(r)], MSGPackSerializer.dumps(
                 r.choice([{"output_compression": None}, {protocol.CACHE_ID_KEY: r.choice([1, "y" * 999, ""])}, {"points": "many", "unknown": [1]}])))),
+            # A backward that names a forward instead of sending its inputs: none was kept for this peer.
+            "cached backward": lambda r: (bwd, req(self.uids(r), [self.hidden_states(r, 1, 2)] * r.choice([0, 1, 2]), MSGPackSerializer.dumps(
+                r.choice([{protocol.INPUTS_CACHED_KEY: True}, {protocol.INPUTS_CACHED_KEY: True, protocol.CACHE_ID_KEY: f"never-{r.randrange(10**9)}"}])))),
             "truncated stream": lambda r: (protocol.RPC_FORWARD_STREAM, self._truncated(r)),
             "stream random bytes": lambda r: (protocol.RPC_BACKWARD_STREAM, os.urandom(r.randint(0, 4096))),
             "valid": lambda r: (fwd, req(self.uids(r), [self.hidden_states(r)])),

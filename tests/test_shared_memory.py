@@ -173,6 +173,8 @@ def test_same_host_calls_equal_wire_calls(checkpoint, start_servers, shared_memo
             want = jax.grad(g, argnums=(0, 1))(scale * x, prompts)
             assert all(rel_err(a, b) < 1e-5 for a, b in zip(got, want))
         assert [t.transport for t in manager.timings] == ["shm" if shared_memory else "unary"] * 12
+        # Backward requests carry the grad outputs alone: the servers kept the forwards' inputs.
+        assert {t.bytes_sent for t in manager.timings if t.stage == "backward"} == {x.size * 4}
         for record in manager.records:  # every backward found its forward's activations (none recomputed)
             assert manager.server_info(record.peer)["jaxseq_cache"] == {"hits": 3, "misses": 0}
     gc.collect()

@@ -180,33 +180,42 @@ class RemoteSequenceManager(SequenceManager):
         return time.perf_counter() - start
 
     # --- the wire ------------------------------------------------------------------------------
-    def _metadata(self, cache_id: str) -> dict:
+    def _metadata(self, cache_id: str, inputs_cached: bool) -> dict:
         metadata = {"points": 0.0, "active_adapter": ""}
         if cache_id:
             metadata[protocol.CACHE_ID_KEY] = cache_id
+        if inputs_cached:
+            metadata[protocol.INPUTS_CACHED_KEY] = True
         if self.config.compression != "none":
             metadata["output_compression"] = (int(protocol.COMPRESSIONS[self.config.compression]),)
         return metadata
 
     async def _call(
-        self, span: Span, rpc: tuple[str, str], arrays: list, results: list[tuple[tuple, np.dtype]], cache_id: str
+        self, span: Span, rpc: tuple[str, str], arrays: list, results: list[tuple[tuple, np.dtype]], cache_id: str,
+        inputs_cached: bool = False,
     ) -> list[np.ndarray]:
         """One RPC: through shared memory (see ``shm``) to a jaxseq server on this machine, else over the wire.
-        ``results`` are the shapes and dtypes the reply must have (for the shared-memory segments)."""
+        ``results`` are the shapes and dtypes the reply must have (for the shared-memory segments);
+        ``inputs_cached``: a backward that sends only grad outputs (see ``protocol.INPUTS_CACHED_KEY``)."""
+        metadata = self._metadata(cache_id, inputs_cached)
         if self.config.shared_memory and self._same_host(span.peer):
             try:
-                return await self._call_shared_memory(span, rpc[0], arrays, results, cache_id)
+                return await self._call_shared_memory(span, rpc[0], arrays, results, metadata)
             except ServerFailure as failure:
                 if "shared-memory" not in str(failure):
                     raise
                 self._no_shared_memory.add(span.peer)  # e.g. a server run by another user: use the wire
-        return await self._call_wire(span, rpc, arrays, cache_id)
+        return await self._call_wire(span, rpc, arrays, metadata)
 
     def _same_host(self, peer: str) -> bool:
         if peer in self._no_shared_memory or self._host is None:
             return False
         record = self._record(peer)
         return record is not None and record.extra.get(shm.HOST_KEY) == self._host
+
+    def _caches_backward(self, peer: str) -> bool:
+        record = self._record(peer)
+        return record is not None and record.extra.get(protocol.CACHED_BACKWARD_KEY) is True
 
     def _record(self, peer: str) -> Optional[ServerRecord]:
         return next((r for r in self._records if r.peer == peer), None)
@@ -223,7 +232,7 @@ class RemoteSequenceManager(SequenceManager):
         except _UNREACHABLE as error:
             raise ServerFailure(span.peer, f"unreachable: {type(error).__name__}: {error}", reachable=False) from None
 
-    async def _call_shared_memory(self, span, rpc: str, arrays: list, results, cache_id: str) -> list[np.ndarray]:
+    async def _call_shared_memory(self, span, rpc: str, arrays: list, results, metadata: dict) -> list[np.ndarray]:
         inputs = [a for a in arrays if a is not None]
         t0 = time.perf_counter()
         preparing = asyncio.ensure_future(asyncio.to_thread(self._segments.exchange, inputs, results))
@@ -233,9 +242,9 @@ class RemoteSequenceManager(SequenceManager):
             preparing.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().discard())
             raise
         try:
-            metadata = {**self._metadata(cache_id), shm.METADATA_KEY: exchange.spec}
             request = runtime_pb2.ExpertRequest(
-                uid=protocol.span_uids(self.dht_prefix, span.start, span.end), metadata=protocol.encode_metadata(metadata)
+                uid=protocol.span_uids(self.dht_prefix, span.start, span.end),
+                metadata=protocol.encode_metadata({**metadata, shm.METADATA_KEY: exchange.spec}),
             )
             with self._failures(span):
                 t1 = time.perf_counter()
@@ -251,11 +260,11 @@ class RemoteSequenceManager(SequenceManager):
                          sum(a.nbytes for a in inputs), sum(a.nbytes for a in outputs))  # fmt: skip
         return outputs
 
-    async def _call_wire(self, span: Span, rpc: tuple[str, str], arrays: list, cache_id: str) -> list[np.ndarray]:
+    async def _call_wire(self, span: Span, rpc: tuple[str, str], arrays: list, metadata: dict) -> list[np.ndarray]:
         uids = protocol.span_uids(self.dht_prefix, span.start, span.end)
         t0 = time.perf_counter()
         requests, streamed = await asyncio.to_thread(
-            protocol.make_requests, uids, arrays, self._metadata(cache_id), self.config.compression
+            protocol.make_requests, uids, arrays, metadata, self.config.compression
         )
         peer = PeerID.from_base58(span.peer)
         with self._failures(span):
@@ -309,9 +318,19 @@ class RemoteSequenceManager(SequenceManager):
 
     async def _call_backward(self, span, x, grad_out, prompts, cache_id):
         with_prompts = prompts.shape[2] > 0
-        arrays = [x, grad_out, prompts if with_prompts else None]
+        rpc = (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM)
         results = [(x.shape, x.dtype)] + ([(prompts.shape, prompts.dtype)] if with_prompts else [])
-        grads = await self._call(span, (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM), arrays, results, cache_id)
+        grads = None
+        if cache_id and self._caches_backward(span.peer):  # the server has the inputs: send the grads alone
+            try:
+                grads = await self._call(span, rpc, [grad_out], results, cache_id, inputs_cached=True)
+            except ServerFailure as failure:
+                if protocol.CACHE_MISS not in str(failure):
+                    raise
+                cache_id = ""  # it kept nothing under that id: recompute
+        if grads is None:
+            arrays = [x, grad_out, prompts if with_prompts else None]
+            grads = await self._call(span, rpc, arrays, results, cache_id)
         if len(grads) != 1 + with_prompts:
             raise FaultyResponse(span.peer, f"backward returned {len(grads)} tensors, expected {1 + with_prompts}")
         grad_x = self._as_requested(span, grads[0], x.dtype)

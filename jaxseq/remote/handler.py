@@ -16,7 +16,7 @@ from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-from jaxseq.backend import BlockBackend
+from jaxseq.backend import BlockBackend, CacheMiss
 from jaxseq.remote import protocol, shm, validation
 from jaxseq.remote.protocol import ProtocolError, Request
 
@@ -153,11 +153,19 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
         arrays, result_places = self._arrays(request)
-        inputs, grad_outputs, prompts = validation.backward_inputs(arrays, end - start, self.limits)
         key = self._cache_key(request, context)
-        (grad_inputs, grad_prompts), timing = await self._compute(
-            self.backend.backward, inputs, prompts, grad_outputs, start, end, key
-        )
+        if request.metadata.get(protocol.INPUTS_CACHED_KEY) is True:
+            if key is None:
+                raise ProtocolError(f"a backward without its inputs must name its forward's {protocol.CACHE_ID_KEY}")
+            grad_outputs = validation.cached_backward_inputs(arrays, self.limits)
+            compute, args = self.backend.backward_of_cached, (grad_outputs, start, end, key)
+        else:
+            inputs, grad_outputs, prompts = validation.backward_inputs(arrays, end - start, self.limits)
+            compute, args = self.backend.backward, (inputs, prompts, grad_outputs, start, end, key)
+        try:
+            (grad_inputs, grad_prompts), timing = await self._compute(compute, *args)
+        except CacheMiss as miss:
+            raise ProtocolError(f"{protocol.CACHE_MISS}: {miss}") from None
         self.computed["backward"] += 1
         grads = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
         return await self._reply(request, grads, result_places, stream, timing, arrived)

@@ -37,6 +37,12 @@ MODELS_KEY = "_petals.models"
 # Request metadata key naming a forward whose activations a jaxseq server may keep for the backward
 # that follows with the same id; Petals servers ignore unknown keys, Petals clients never send it.
 CACHE_ID_KEY = "jaxseq_cache_id"
+# A backward naming its forward's cache id with this key set sends only the grad outputs: its inputs
+# are the cached forward's. Only to servers that announce CACHED_BACKWARD_KEY; a server that kept no
+# such forward answers with an error containing CACHE_MISS, and the client sends the inputs after all.
+INPUTS_CACHED_KEY = "jaxseq_inputs_cached"
+CACHED_BACKWARD_KEY = "jaxseq_cached_backward"
+CACHE_MISS = "jaxseq cache miss"
 STREAM_THRESHOLD = MAX_UNARY_PAYLOAD_SIZE // 2
 
 COMPRESSIONS = {

@@ -96,7 +96,9 @@ async def serve(args: argparse.Namespace, stop: Optional[asyncio.Event] = None) 
     throughput = args.throughput or measure_throughput(backend)
     expiration = max(2 * args.update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS)
     host = None if args.no_shared_memory else shm.host_id()
-    same_host = {shm.HOST_KEY: host} if host else {}
+    extensions = {shm.HOST_KEY: host} if host else {}
+    if args.cache_mb > 0 and args.cache_ttl > 0:
+        extensions[protocol.CACHED_BACKWARD_KEY] = True
 
     identity = {"identity_path": args.identity} if args.identity else {}
     dht = dht_records.start_dht(initial_peers=args.initial_peers or [], host_maddrs=args.host_maddrs, **identity)
@@ -118,7 +120,7 @@ async def serve(args: argparse.Namespace, stop: Optional[asyncio.Event] = None) 
             # Bounded: if the DHT process died (e.g. a Ctrl-C reached the whole process group), a store
             # would wait forever; the server keeps serving and shutting down regardless.
             info = protocol.server_info_value(
-                state, throughput, start=start, end=end, version=VERSION, dtype=args.dtype, **same_host
+                state, throughput, start=start, end=end, version=VERSION, dtype=args.dtype, **extensions
             )
             try:
                 await asyncio.wait_for(

@@ -66,6 +66,14 @@ def forward_inputs(arrays: list[np.ndarray], n_blocks: int, limits: Limits) -> t
     return hidden, prompts
 
 
+def cached_backward_inputs(arrays: list[np.ndarray], limits: Limits) -> np.ndarray:
+    """The grad outputs of a backward whose inputs are its cached forward's (``jaxseq_inputs_cached``)."""
+    if len(arrays) != 1:
+        raise ProtocolError(f"a backward of a cached forward takes 1 tensor (grad outputs), got {len(arrays)}")
+    _check_hidden("grad outputs", arrays[0], limits)
+    return arrays[0]
+
+
 def backward_inputs(
     arrays: list[np.ndarray], n_blocks: int, limits: Limits
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
