@@ -15,7 +15,6 @@ import time
 from typing import Callable, Hashable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxseq.config import LlamaConfig
@@ -35,14 +34,14 @@ def bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _padded_copy(a: np.ndarray, axis_sizes: dict[int, int]) -> jax.Array:
+def _padded_copy(a: np.ndarray, axis_sizes: dict[int, int], device: Optional[jax.Device]) -> jax.Array:
     """``a`` zero-padded to ``axis_sizes``, in memory the server owns. Inputs may be views of a client's
     shared memory, which it rewrites after the reply while the cache still holds them, and
     ``jax.device_put`` aliases such views (even with ``may_alias=False``); ``np.pad`` always copies."""
     pads = [(0, 0)] * a.ndim
     for axis, size in axis_sizes.items():
         pads[axis] = (0, size - a.shape[axis])
-    return jax.device_put(np.pad(a, pads))
+    return jax.device_put(np.pad(a, pads), device)
 
 
 def _equal(a: jax.Array, b: jax.Array) -> bool:
@@ -132,11 +131,13 @@ class BlockBackend:
         *,
         cache_bytes: int = 1 << 30,
         cache_ttl: float = 120.0,
+        device: Optional[jax.Device] = None,
     ):
         self.cfg = cfg
         self.first = first
         self.cache = ActivationCache(cache_bytes, cache_ttl)
-        self.blocks = [jax.tree.map(jnp.asarray, b) for b in blocks]
+        self.device = device  # where the blocks live and compute; None: JAX's default device
+        self.blocks = [jax.device_put(b, device) for b in blocks]
         self.dtype = self.blocks[0]["q_proj"].dtype
         self._compiled: set[tuple] = set()
         self._lock = threading.Lock()
@@ -168,9 +169,9 @@ class BlockBackend:
     def _padded(self, stage: str, start: int, end: int, x: np.ndarray, prompts: np.ndarray, *extra: np.ndarray):
         batch, seq, _ = x.shape
         sizes = {0: bucket(batch), 1: bucket(seq)}
-        x_p = _padded_copy(x.astype(self.dtype, copy=False), sizes)
-        prompts_p = _padded_copy(prompts.astype(self.dtype, copy=False), {1: sizes[0]})
-        extra_p = [_padded_copy(e.astype(self.dtype, copy=False), sizes) for e in extra]
+        x_p = _padded_copy(x.astype(self.dtype, copy=False), sizes, self.device)
+        prompts_p = _padded_copy(prompts.astype(self.dtype, copy=False), {1: sizes[0]}, self.device)
+        extra_p = [_padded_copy(e.astype(self.dtype, copy=False), sizes, self.device) for e in extra]
         with self._lock:
             self._compiled.add((stage, end - start, x_p.shape, prompts_p.shape))
         return x_p, prompts_p, extra_p
@@ -224,7 +225,7 @@ class BlockBackend:
         if grad_out.shape != saved.shape:
             raise ValueError(f"grad outputs have shape {list(grad_out.shape)}, but the forward's inputs had {list(saved.shape)}")
         padded_shape = saved.x.shape
-        grad_p = _padded_copy(grad_out.astype(self.dtype, copy=False), {0: padded_shape[0], 1: padded_shape[1]})
+        grad_p = _padded_copy(grad_out.astype(self.dtype, copy=False), {0: padded_shape[0], 1: padded_shape[1]}, self.device)
         with self._lock:
             self._compiled.add(("backward", end - start, padded_shape, saved.prompts.shape))
         return _unpadded(saved.vjp(grad_p), saved.shape, saved.dtypes, saved.prompts.shape[2])

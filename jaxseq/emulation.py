@@ -3,13 +3,21 @@
 Its servers compute the real blocks (``BlockBackend``, the same code a ``jaxseq-server`` runs) and
 its manager is a ``SequenceManager`` like the network one: only the transport differs, a direct
 call instead of an RPC.
+
+On the CPU the servers compute on an XLA client of their own, with its own thread pool, as a server
+process has. XLA's CPU runtime usually runs the backward callback on one of its pool's threads (the
+one that finished the operation before), which the callback blocks while the swarm computes: on
+the caller's client the servers would get what is left of that pool, one thread of two on a 2-core
+machine (``benchmarks/callback_thread.py`` measures it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 
 from jaxseq.backend import BlockBackend
@@ -20,6 +28,17 @@ from jaxseq.manager import SequenceManager
 from jaxseq.routing import ServerRecord, Span
 
 STAGES = ("forward", "backward")
+
+
+@functools.cache
+def servers_device() -> Optional[jax.Device]:
+    """Where emulated servers compute: with JAX on the CPU, a device of a CPU client of their own (one
+    for all swarms of the process); else None, JAX's default device."""
+    if jax.default_backend() != "cpu":
+        return None
+    from jax._src.lib import xla_client  # jax has no public way to make a second client
+
+    return xla_client.make_cpu_client(asynchronous=True).devices()[0]
 
 
 class EmulatedServer:
@@ -68,7 +87,8 @@ class EmulatedServer:
 
 
 class LocalSwarm:
-    """An emulated swarm: ``servers[i]`` holds ``spans[i]``; all compute with jit in this process.
+    """An emulated swarm: ``servers[i]`` holds ``spans[i]``; all compute with jit in this process, on
+    ``device`` (default ``servers_device()``).
 
     Example:
         >>> swarm = LocalSwarm(cfg, params, spans=[(0, 2), (1, 4)])      # doctest: +SKIP
@@ -82,16 +102,18 @@ class LocalSwarm:
         params: Sequence[BlockParams],
         spans: Sequence[tuple[int, int]],
         throughputs: Optional[Sequence[float]] = None,
+        device: Optional[jax.Device] = None,
     ):
         n = len(params)
         for start, end in spans:
             if not 0 <= start < end <= n:
                 raise ValueError(f"span {start}:{end} is outside the {n} blocks given")
         throughputs = throughputs or [1.0] * len(spans)
+        device = device or servers_device()
         self.cfg = cfg
         self.num_blocks = n
         self.servers = [
-            EmulatedServer(f"local-{i}", BlockBackend(cfg, params[start:end], first=start), throughput)
+            EmulatedServer(f"local-{i}", BlockBackend(cfg, params[start:end], first=start, device=device), throughput)
             for i, ((start, end), throughput) in enumerate(zip(spans, throughputs))
         ]
 

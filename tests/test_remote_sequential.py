@@ -47,6 +47,19 @@ def test_value_and_grad_equal_local(tiny_cfg, tiny_params, make_swarm, batch, se
     assert swarm.servers[2].calls == {"forward": 0, "backward": 0}
 
 
+def test_servers_compute_on_a_client_of_their_own(make_swarm):
+    """On the CPU, emulated servers have an XLA client (and thread pool) apart from the caller's, whose
+    pool thread XLA usually blocks in the backward callback (``benchmarks/callback_thread.py``)."""
+    swarm, _ = make_swarm([(0, 2), (2, 4)])
+    devices = {server.backend.device for server in swarm.servers}
+    if jax.default_backend() != "cpu":
+        assert devices == {None}
+        return
+    (device,) = devices
+    assert device.client is not jax.devices()[0].client
+    assert {d for leaf in jax.tree.leaves(swarm.servers[0].backend.blocks) for d in leaf.devices()} == {device}
+
+
 def test_forward_and_grad_without_prompts(tiny_cfg, tiny_params, make_swarm):
     _, manager = make_swarm([(0, 4)])
     x, _ = random_inputs(tiny_cfg, 2, 9, 0)
