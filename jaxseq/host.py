@@ -9,6 +9,7 @@ from typing import Any, Coroutine
 
 import numpy as np
 
+from jaxseq.arrays import all_finite
 from jaxseq.manager import SequenceManager
 from jaxseq.sequential import sequential_backward, sequential_forward
 
@@ -26,7 +27,7 @@ def _check_finite(manager: SequenceManager, **arrays: np.ndarray) -> None:
     """Refuse NaN or inf from the caller before any call. Servers refuse such inputs (or answer with
     NaN), which the retry loop can't tell from a faulty server: it would ban healthy servers for it."""
     for name, array in arrays.items():
-        if not np.isfinite(array).all():
+        if not all_finite(array):
             error = ValueError(
                 f"{name.replace('_', ' ')} sent to the swarm have non-finite values (NaN or inf); nothing was sent. "
                 "Find where they arise with jax.config.update('jax_debug_nans', True), or lower the learning rate"

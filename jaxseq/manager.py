@@ -17,6 +17,7 @@ from typing import Any, Coroutine, Optional, Sequence
 
 import numpy as np
 
+from jaxseq.arrays import all_finite
 from jaxseq.config import ClientConfig
 from jaxseq.errors import FaultyResponse, ServerFailure
 from jaxseq.routing import ServerRecord, ServerState, Span, route
@@ -262,7 +263,7 @@ def _check_tensor(span: Span, what: str, value, shape: Sequence[int], dtype) -> 
         raise FaultyResponse(span.peer, f"{what} has shape {value.shape}, expected {tuple(shape)}")
     if value.dtype != dtype:
         raise FaultyResponse(span.peer, f"{what} has dtype {value.dtype}, expected {dtype}")
-    if not np.isfinite(value).all():
+    if not all_finite(value):
         raise FaultyResponse(span.peer, f"{what} has non-finite values")
 
 

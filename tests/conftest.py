@@ -18,9 +18,14 @@ TINY = jaxseq.LlamaConfig(
 )
 
 
+# The 1e-5 float32 comparisons need full-precision matmuls: on GPUs XLA's default uses TF32 (about
+# 1e-3 off); jaxseq-server defaults to this too (--matmul-precision). No effect on CPUs.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
 def rel_err(a, b) -> float:
-    """Relative error ||a - b|| / ||b|| in float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    """Relative error ||a - b|| / ||b|| in float64, of arrays or torch tensors on any device."""
+    a, b = (np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, np.float64) for v in (a, b))
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 

@@ -53,7 +53,7 @@ def _written(name: str):
 @pytest.mark.parametrize("name", DTYPES)
 def test_to_torch_shares_memory(name):
     with _dtype_context(name):
-        a = jnp.asarray(_values(name))
+        a = jax.device_put(jnp.asarray(_values(name)), jax.devices("cpu")[0])
         t = bridges.to_torch(a)
         assert t.dtype == DTYPES[name][1] and t.device.type == "cpu"
         assert t.data_ptr() == a.unsafe_buffer_pointer()
@@ -66,9 +66,9 @@ def test_to_torch_shares_memory(name):
 @pytest.mark.parametrize("name", DTYPES)
 def test_to_jax_shares_memory(name):
     with _dtype_context(name):
-        t = bridges.to_torch(jnp.asarray(_values(name)), copy=True)  # a fresh torch tensor of that dtype
+        t = torch.tensor(_values(name).astype(np.float32)).to(DTYPES[name][1])  # torch-owned, 64-byte aligned
         a = bridges.to_jax(t)
-        assert a.dtype == DTYPES[name][0]
+        assert a.dtype == DTYPES[name][0] and a.devices() == {jax.devices("cpu")[0]}
         assert a.unsafe_buffer_pointer() == t.data_ptr()
         t[1] = _written(name)  # torch writes into memory it owns; JAX reads it afterwards
         assert a[1] == _written(name)
@@ -303,15 +303,18 @@ def _mlp_in_jax(mlp: torch.nn.Sequential):
     return lambda x: jnp.tanh(x @ w1.T + b1) @ w2.T + b2
 
 
-def test_torch_module_as_jax_matches_torch_autograd():
-    mlp = _mlp(8, 32, seed=0)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_torch_module_as_jax_matches_torch_autograd(device):
+    if device == "cuda":
+        _require_cuda_in_both()
+    mlp = _mlp(8, 32, seed=0).to(device)  # JAX's arrays stay on JAX's default device: inputs move to the module
     f = bridges.torch_module_as_jax(mlp)
     x = jax.random.normal(jax.random.key(0), (3, 5, 8))
     weights = jnp.cos(jnp.arange(32.0))
 
-    x_t = bridges.to_torch(x, copy=True).requires_grad_()
+    x_t = bridges.to_torch(x, copy=True).to(device).requires_grad_()
     out_t = mlp(x_t)
-    (grad_t,) = torch.autograd.grad((out_t * bridges.to_torch(weights)).sum(), x_t)
+    (grad_t,) = torch.autograd.grad((out_t * bridges.to_torch(weights).to(device)).sum(), x_t)
 
     def loss(x):
         return jnp.sum(f(x) * weights)

@@ -3,6 +3,8 @@ SIGKILL mid-training, a replacement joining, missing blocks, SIGTERM."""
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
 import time
 
@@ -10,7 +12,7 @@ import jax
 import pytest
 
 import jaxseq
-from jaxseq.remote import RemoteSequenceManager
+from jaxseq.remote import RemoteSequenceManager, dht_records
 from conftest import assert_matches, random_inputs, training_step
 from jaxseq.remote.launch import ServerProcess
 
@@ -127,3 +129,39 @@ def test_sigterm_leaves_the_dht_and_exits_zero(checkpoint, start_servers):
         online = {r.peer for r in manager.records if r.state == jaxseq.ServerState.ONLINE}
         assert online == {staying.peer_id}  # announced OFFLINE: no need to wait for expiry
         assert all(span.peer == staying.peer_id for span in manager.make_route(0, 4))
+
+
+def test_the_dht_process_never_finalizes_what_it_inherited(tmp_path):
+    """The DHT runs in a forked child. Garbage its parent had not collected yet (JAX or torch buffers)
+    must not be finalized there, through runtimes whose threads the fork did not copy: on a GPU that
+    aborted the child."""
+    marker, parent, finalized_here = tmp_path / "finalized-by", os.getpid(), []
+
+    class Inherited:
+        def __del__(self):
+            if os.getpid() == parent:
+                finalized_here.append(parent)
+            else:
+                marker.write_text(str(os.getpid()))
+
+    gc.collect()
+    gc.disable()  # so that the cycle below is still uncollected garbage when the DHT forks
+    cycle = Inherited()
+    cycle.me = cycle
+    del cycle
+    gc.enable()
+    dht = dht_records.start_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        assert dht.is_alive()
+        child = dht.pid
+        dht.run_coroutine(_collect_in_the_dht_process)
+    finally:
+        dht.shutdown()
+    assert not marker.exists(), f"the DHT process {child} finalized an object it inherited"
+    gc.collect()
+    assert finalized_here == [parent]  # the parent's collector sees it again after the fork
+
+
+async def _collect_in_the_dht_process(dht, node) -> int:
+    return gc.collect()
+

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import warnings
 from typing import Any, Optional
@@ -18,10 +19,19 @@ from jaxseq.routing import ServerRecord
 def start_dht(**kwargs: Any) -> hivemind.DHT:
     """Start a hivemind DHT (a forked process running p2pd). The fork happens after JAX has started its
     threads, which Python warns about; the child only runs hivemind's asyncio DHT and never touches
-    JAX, so that warning does not apply and is silenced here alone."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-        return hivemind.DHT(start=True, **kwargs)
+    JAX, so that warning does not apply and is silenced here alone.
+
+    The child must not finalize objects it inherited either: garbage the parent had not collected yet
+    (JAX or torch buffers on a GPU, say) would be freed through a runtime whose threads the fork did
+    not copy, and on a GPU that aborted the child. Freezing the collector across the fork keeps every
+    inherited object out of the child's collections."""
+    gc.freeze()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            return hivemind.DHT(start=True, **kwargs)
+    finally:
+        gc.unfreeze()
 
 
 async def _store_many(dht, node, keys: list, subkey: str, value: Any, expiration: float) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxseq.arrays import all_finite
 from jaxseq.remote.protocol import ProtocolError, is_dummy, is_float
 
 
@@ -33,7 +34,7 @@ def _check_hidden(name: str, array: np.ndarray, limits: Limits) -> None:
         )
     if not is_float(array):
         raise ProtocolError(f"{name} must be floating point, got {array.dtype}")
-    if not np.isfinite(array).all():
+    if not all_finite(array):
         raise ProtocolError(f"{name} has non-finite values")
 
 
@@ -51,7 +52,7 @@ def _check_prompts(prompts: np.ndarray, hidden: np.ndarray, n_blocks: int) -> np
         raise ProtocolError(f"prompt length {prompts.shape[2]} exceeds the sequence length {seq}")
     if not is_float(prompts):
         raise ProtocolError(f"prompts must be floating point, got {prompts.dtype}")
-    if not np.isfinite(prompts).all():
+    if not all_finite(prompts):
         raise ProtocolError("prompts have non-finite values")
     return prompts
 
