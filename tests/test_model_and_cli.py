@@ -150,3 +150,23 @@ def test_bad_arguments_exit_with_one_line(checkpoint, argv, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("preallocate", [None, "true"], ids=["default", "user-set"])
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_server_shares_a_gpu_and_sets_its_matmul_precision(monkeypatch, preallocate, precision):
+    """Before anything touches a device, jaxseq-server opts out of XLA's 75%-of-the-GPU preallocation
+    (unless the user chose) and sets the float32 matmul precision it was given."""
+    from jaxseq.remote import server
+
+    if preallocate is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    else:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", preallocate)
+    argv = ["--checkpoint", "/nonexistent/llama", "--blocks", "0:1", "--dht-prefix", "x", "--new-swarm"]
+    try:
+        assert server.main([*argv, "--matmul-precision", precision]) == 2  # the checkpoint is missing
+        assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == (preallocate or "false")
+        assert jax.config.jax_default_matmul_precision == precision
+    finally:
+        jax.config.update("jax_default_matmul_precision", "highest")  # as conftest sets it
