@@ -34,16 +34,6 @@ def bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _padded_copy(a: np.ndarray, axis_sizes: dict[int, int], device: Optional[jax.Device]) -> jax.Array:
-    """``a`` zero-padded to ``axis_sizes``, in memory the server owns. Inputs may be views of a client's
-    shared memory, which it rewrites after the reply while the cache still holds them, and
-    ``jax.device_put`` aliases such views (even with ``may_alias=False``); ``np.pad`` always copies."""
-    pads = [(0, 0)] * a.ndim
-    for axis, size in axis_sizes.items():
-        pads[axis] = (0, size - a.shape[axis])
-    return jax.device_put(np.pad(a, pads), device)
-
-
 def _equal(a: jax.Array, b: jax.Array) -> bool:
     return a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -169,12 +159,25 @@ class BlockBackend:
     def _padded(self, stage: str, start: int, end: int, x: np.ndarray, prompts: np.ndarray, *extra: np.ndarray):
         batch, seq, _ = x.shape
         sizes = {0: bucket(batch), 1: bucket(seq)}
-        x_p = _padded_copy(x.astype(self.dtype, copy=False), sizes, self.device)
-        prompts_p = _padded_copy(prompts.astype(self.dtype, copy=False), {1: sizes[0]}, self.device)
-        extra_p = [_padded_copy(e.astype(self.dtype, copy=False), sizes, self.device) for e in extra]
-        with self._lock:
-            self._compiled.add((stage, end - start, x_p.shape, prompts_p.shape))
+        x_p = self._padded_copy(x, sizes)
+        prompts_p = self._padded_copy(prompts, {1: sizes[0]})
+        extra_p = [self._padded_copy(e, sizes) for e in extra]
+        self._count_compile(stage, start, end, x_p.shape, prompts_p.shape)
         return x_p, prompts_p, extra_p
+
+    def _padded_copy(self, a: np.ndarray, axis_sizes: dict[int, int]) -> jax.Array:
+        """``a`` in the blocks' dtype, zero-padded to ``axis_sizes``, in memory the server owns on its
+        device. Inputs may be views of a client's shared memory, which it rewrites after the reply while
+        the cache still holds them, and ``jax.device_put`` aliases such views (even with
+        ``may_alias=False``); ``np.pad`` always copies."""
+        pads = [(0, 0)] * a.ndim
+        for axis, size in axis_sizes.items():
+            pads[axis] = (0, size - a.shape[axis])
+        return jax.device_put(np.pad(a.astype(self.dtype, copy=False), pads), self.device)
+
+    def _count_compile(self, stage: str, start: int, end: int, x_shape: tuple, prompts_shape: tuple) -> None:
+        with self._lock:
+            self._compiled.add((stage, end - start, x_shape, prompts_shape))
 
     def forward(
         self, x: np.ndarray, prompts: np.ndarray, start: int, end: int, cache_key: Optional[Hashable] = None
@@ -225,9 +228,8 @@ class BlockBackend:
         if grad_out.shape != saved.shape:
             raise ValueError(f"grad outputs have shape {list(grad_out.shape)}, but the forward's inputs had {list(saved.shape)}")
         padded_shape = saved.x.shape
-        grad_p = _padded_copy(grad_out.astype(self.dtype, copy=False), {0: padded_shape[0], 1: padded_shape[1]}, self.device)
-        with self._lock:
-            self._compiled.add(("backward", end - start, padded_shape, saved.prompts.shape))
+        grad_p = self._padded_copy(grad_out, {0: padded_shape[0], 1: padded_shape[1]})
+        self._count_compile("backward", start, end, padded_shape, saved.prompts.shape)
         return _unpadded(saved.vjp(grad_p), saved.shape, saved.dtypes, saved.prompts.shape[2])
 
 

@@ -164,4 +164,3 @@ def test_the_dht_process_never_finalizes_what_it_inherited(tmp_path):
 
 async def _collect_in_the_dht_process(dht, node) -> int:
     return gc.collect()
-
