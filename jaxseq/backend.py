@@ -17,8 +17,10 @@ from typing import Callable, Hashable, Optional, Sequence
 import jax
 import numpy as np
 
+from jaxseq.arrays import copy_padded
 from jaxseq.config import LlamaConfig
 from jaxseq.llama import BlockParams, run_span
+from jaxseq.memory import MemoryPool, PrivateMemory
 
 
 def bucket(n: int) -> int:
@@ -108,6 +110,7 @@ class BlockBackend:
     Example:
         >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
         ...                   num_key_value_heads=2, num_hidden_layers=2)
+        >>> from jaxseq.llama import init_block_params
         >>> backend = BlockBackend(cfg, init_block_params(cfg, jax.random.key(0)))
         >>> backend.forward(np.ones((1, 3, 64), np.float32), np.zeros((2, 1, 0, 64), np.float32), 0, 2).shape
         (1, 3, 64)
@@ -131,6 +134,11 @@ class BlockBackend:
         self.dtype = self.blocks[0]["q_proj"].dtype
         self._compiled: set[tuple] = set()
         self._lock = threading.Lock()
+        # A forward stages 2 inputs, its backward 1 (cached) or 3: enough idle memory for a cycle.
+        self._staging = MemoryPool(PrivateMemory.create, max_idle=4)
+        # Seconds spent moving inputs into the blocks' memory and results out of it, in all: part of
+        # moving the data, not of computing on it (servers report it so).
+        self.transfer_s = 0.0
 
         def forward(blocks, x, prompts):
             return run_span(cfg, blocks, x, prompts)
@@ -168,12 +176,26 @@ class BlockBackend:
     def _padded_copy(self, a: np.ndarray, axis_sizes: dict[int, int]) -> jax.Array:
         """``a`` in the blocks' dtype, zero-padded to ``axis_sizes``, in memory the server owns on its
         device. Inputs may be views of a client's shared memory, which it rewrites after the reply while
-        the cache still holds them, and ``jax.device_put`` aliases such views (even with
-        ``may_alias=False``); ``np.pad`` always copies."""
-        pads = [(0, 0)] * a.ndim
-        for axis, size in axis_sizes.items():
-            pads[axis] = (0, size - a.shape[axis])
-        return jax.device_put(np.pad(a.astype(self.dtype, copy=False), pads), self.device)
+        the cache still holds them, and ``jax.device_put`` aliases aligned views (even with
+        ``may_alias=False``): so always a copy, in reused memory (``jaxseq.memory``) that a CPU device
+        adopts without copying again."""
+        started = time.perf_counter()
+        staged = self._staging.empty([axis_sizes.get(axis, n) for axis, n in enumerate(a.shape)], self.dtype)
+        placed = jax.device_put(copy_padded(a, staged), self.device).block_until_ready()
+        self._count_transfer(started)
+        return placed
+
+    def _on_host(self, a: jax.Array, leading: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
+        """``a[leading]`` (the part of a padded result that was asked for) in host memory as ``dtype``."""
+        a.block_until_ready()  # what follows is the transfer, not the computation that makes ``a``
+        started = time.perf_counter()
+        host = np.asarray(a)[leading].astype(dtype, copy=False)
+        self._count_transfer(started)
+        return host
+
+    def _count_transfer(self, started: float) -> None:
+        with self._lock:
+            self.transfer_s += time.perf_counter() - started
 
     def _count_compile(self, stage: str, start: int, end: int, x_shape: tuple, prompts_shape: tuple) -> None:
         with self._lock:
@@ -195,7 +217,7 @@ class BlockBackend:
         else:
             out, vjp = jax.vjp(lambda x_, p_: self._forward(blocks, x_, p_), x_p, prompts_p)
             self.cache.put((cache_key, start, end), x_p, prompts_p, vjp, x.shape, (x.dtype, prompts.dtype))
-        return np.asarray(out)[:batch, :seq].astype(x.dtype, copy=False)
+        return self._on_host(out, (slice(batch), slice(seq)), x.dtype)
 
     def backward(
         self,
@@ -213,7 +235,7 @@ class BlockBackend:
             grads = saved.vjp(grad_p)
         else:
             grads = self._backward(self._span(start, end), x_p, prompts_p, grad_p)
-        return _unpadded(grads, x.shape, (x.dtype, prompts.dtype), prompts.shape[2])
+        return self._unpadded(grads, x.shape, (x.dtype, prompts.dtype), prompts.shape[2])
 
     def backward_of_cached(
         self, grad_out: np.ndarray, start: int, end: int, cache_key: Hashable
@@ -230,13 +252,14 @@ class BlockBackend:
         padded_shape = saved.x.shape
         grad_p = self._padded_copy(grad_out, {0: padded_shape[0], 1: padded_shape[1]})
         self._count_compile("backward", start, end, padded_shape, saved.prompts.shape)
-        return _unpadded(saved.vjp(grad_p), saved.shape, saved.dtypes, saved.prompts.shape[2])
+        return self._unpadded(saved.vjp(grad_p), saved.shape, saved.dtypes, saved.prompts.shape[2])
 
-
-def _unpadded(grads: tuple, shape: tuple, dtypes: tuple, prompt_len: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Gradients sliced back to the inputs' ``shape`` and cast to their ``dtypes`` (None for empty prompts)."""
-    batch, seq = shape[:2]
-    grad_x = np.asarray(grads[0])[:batch, :seq].astype(dtypes[0], copy=False)
-    if prompt_len == 0:
-        return grad_x, None
-    return grad_x, np.asarray(grads[1])[:, :batch].astype(dtypes[1], copy=False)
+    def _unpadded(
+        self, grads: tuple, shape: tuple, dtypes: tuple, prompt_len: int
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Gradients sliced back to the inputs' ``shape`` and cast to their ``dtypes`` (None for empty prompts)."""
+        batch, seq = shape[:2]
+        grad_x = self._on_host(grads[0], (slice(batch), slice(seq)), dtypes[0])
+        if prompt_len == 0:
+            return grad_x, None
+        return grad_x, self._on_host(grads[1], (slice(None), slice(batch)), dtypes[1])

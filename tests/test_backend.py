@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import time
 
@@ -129,3 +130,31 @@ def test_swarm_training_step_uses_the_cache(tiny_cfg, tiny_params, make_swarm):
     for server in swarm.servers:  # 2 micro-batches x 3 steps, every backward served from the cache
         assert server.backend.cache.hits == 6 and server.backend.cache.misses == 0
         assert len(server.backend.cache) == 0
+
+
+def test_moves_to_and_from_the_device_are_timed_apart_from_compute(tiny_cfg, tiny_params, monkeypatch):
+    """A server reports the time its inputs take to reach the blocks' memory (and the results to come
+    back) as moving the data, not as compute: benchmarks of the wire must count it."""
+    from jaxseq.remote.handler import TransformerConnectionHandler
+
+    backend = BlockBackend(tiny_cfg, tiny_params)
+    x, prompts, grad = _arrays(tiny_cfg, 2, 7, 3, 4)
+    backend.forward(x, prompts, 0, 4)
+    backend.backward(x, prompts, grad, 0, 4)  # compiled: what follows is transfers and compute alone
+    delay, put = 0.05, jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda *args, **kwargs: (time.sleep(delay), put(*args, **kwargs))[1])
+    runs = {  # inputs each places on the device
+        "forward": (lambda: backend.forward(x, prompts, 0, 4, cache_key="k"), 2),
+        "backward of the cached forward": (lambda: backend.backward_of_cached(grad, 0, 4, "k"), 1),
+        "backward": (lambda: backend.backward(x, prompts, grad, 0, 4), 3),
+    }
+    for name, (run, placed) in runs.items():
+        before = backend.transfer_s
+        run()
+        assert backend.transfer_s - before >= placed * delay, name
+
+    handler = TransformerConnectionHandler(backend, "test", version="test")
+    started = time.perf_counter()
+    _, timing = asyncio.run(handler._compute(backend.backward, x, prompts, grad, 0, 4))
+    assert time.perf_counter() - started >= 3 * delay
+    assert 0 <= timing["compute_s"] < delay, timing

@@ -38,7 +38,7 @@ class CallTiming:
     deserialize_s: float
     server_compute_s: Optional[float]
     server_wait_s: Optional[float]
-    server_io_s: Optional[float]  # the server's parsing, checks and writing of results
+    server_io_s: Optional[float]  # the server's parsing, checks, and moves of tensors to and from its device
     bytes_sent: int
     bytes_received: int
 

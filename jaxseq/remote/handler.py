@@ -188,7 +188,8 @@ class TransformerConnectionHandler(ServicerBase):
         self, request: Request, results: list, result_places: Optional[list], stream: bool, timing: dict, arrived: float
     ) -> list[runtime_pb2.ExpertResponse]:
         """The reply, with the server's timing: queue wait, compute, and the rest ("io_s": parsing,
-        checks and writing the results; a streamed request's parsing counts as wire time)."""
+        checks, moving the tensors between the request, the blocks' memory and the reply; a streamed
+        request's parsing counts as wire time)."""
         if result_places is not None:
             await asyncio.to_thread(shm.write, result_places, results)
             parts = [runtime_pb2.ExpertResponse()]
@@ -238,7 +239,16 @@ class TransformerConnectionHandler(ServicerBase):
         return _COMPRESSION_BY_CODE[codes[0]]
 
     async def _compute(self, fn, *args) -> tuple[object, dict]:
+        """``fn(*args)`` through the queue; its moves between host and device memory count as io, not compute."""
+
+        def computed(*args):
+            before = self.backend.transfer_s
+            result = fn(*args)
+            return result, self.backend.transfer_s - before
+
         try:
-            return await asyncio.wait_for(self.queue.run(fn, *args), self.request_timeout)
+            (result, transfer_s), timing = await asyncio.wait_for(self.queue.run(computed, *args), self.request_timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"request took longer than the server's limit of {self.request_timeout} s") from None
+        timing["compute_s"] -= transfer_s
+        return result, timing

@@ -31,21 +31,19 @@ import os
 import socket
 import stat
 import threading
-import weakref
 from pathlib import Path
 from typing import Optional, Sequence
 
 import ml_dtypes
 import numpy as np
 
+from jaxseq.memory import ALIGNMENT, MemoryPool
 from jaxseq.remote.protocol import ProtocolError
 
 METADATA_KEY = "jaxseq_shm"  # {"pid", "segments": [[fd, inode, size]], "inputs"/"outputs": [[segment, offset, dtype, shape]]}
 HOST_KEY = "jaxseq_host"  # in a server's DHT record: the machine (and pid namespace) it runs on
 _DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-_ALIGN = 64
-_GRANULE = 1 << 16  # segment sizes are rounded up to this, so that similar calls reuse segments
 _MAX_NDIM = 4
 
 
@@ -59,7 +57,7 @@ def host_id() -> Optional[str]:
     return f"{socket.gethostname()}/{boot}/{pid_namespace}" if hasattr(os, "memfd_create") else None
 
 
-def _aligned(n: int, to: int = _ALIGN) -> int:
+def _aligned(n: int, to: int = ALIGNMENT) -> int:
     return -(-n // to) * to
 
 
@@ -130,8 +128,7 @@ class Exchange:
     def results(self) -> list[np.ndarray]:
         inputs, outputs = self._segments
         self._pool.release(inputs)
-        owner = np.frombuffer(outputs.mapping, np.uint8)
-        weakref.finalize(owner, self._pool.release, outputs)
+        owner = self._pool.lend(outputs)
         views = [owner[o : o + _nbytes(s, d)].view(_DTYPES[d]).reshape(s) for _, o, d, s in self._outputs]
         for view in views:
             view.flags.writeable = False
@@ -150,69 +147,18 @@ def _layout(arrays: Sequence[tuple[tuple, np.dtype]], segment: int) -> tuple[lis
     for shape, dtype in arrays:
         places.append([segment, offset, np.dtype(dtype).name, [int(d) for d in shape]])
         offset = _aligned(offset + _nbytes(shape, dtype))
-    return places, max(_GRANULE, _aligned(offset, _GRANULE))
+    return places, offset
 
 
-class SegmentPool:
-    """The client's memory files, reused across calls (pages already faulted in are faster to fill).
-
-    ``max_idle`` bounds the unused segments kept; the least recently used beyond it are closed.
-    Segments come back from garbage collection (when a call's last result view dies), which can
-    run inside any allocation, also one under the pool's lock: then they wait in a lock-free queue.
-    """
+class SegmentPool(MemoryPool[_Segment]):
+    """The client's memory files, reused across calls (see ``jaxseq.memory``)."""
 
     def __init__(self, max_idle: int = 8):
-        self.max_idle = max_idle
-        self._idle: collections.OrderedDict[_Segment, None] = collections.OrderedDict()
-        self._returned: collections.deque[_Segment] = collections.deque()
-        self._lock = threading.Lock()
-        self._closed = False
+        super().__init__(_Segment.create, max_idle)
 
     def exchange(self, inputs: Sequence[np.ndarray], outputs: Sequence[tuple[tuple, np.dtype]]) -> Exchange:
         """Segments holding ``inputs`` and room for results of the given shapes and dtypes."""
         return Exchange(self, inputs, outputs)
-
-    def acquire(self, size: int) -> _Segment:
-        with self._lock:
-            self._take_returned()
-            fits = [s for s in self._idle if size <= s.size <= 2 * size]
-            if fits:
-                segment = min(fits, key=lambda s: s.size)
-                del self._idle[segment]
-                return segment
-        return _Segment.create(size)
-
-    def release(self, segment: _Segment) -> None:
-        self._returned.append(segment)
-        if self._closed:
-            self._close_returned()
-        elif self._lock.acquire(blocking=False):  # else whoever holds it, or the next acquire, takes it in
-            try:
-                self._take_returned()
-            finally:
-                self._lock.release()
-
-    def _take_returned(self) -> None:
-        while self._returned:
-            self._idle[self._returned.popleft()] = None
-        while len(self._idle) > self.max_idle:
-            self._idle.popitem(last=False)[0].close()
-
-    def _close_returned(self) -> None:
-        while True:
-            try:
-                self._returned.popleft().close()
-            except IndexError:
-                return
-
-    def close(self) -> None:
-        """Close the idle segments; those still in use close when released."""
-        self._closed = True
-        self._close_returned()
-        with self._lock:
-            idle, self._idle = list(self._idle), collections.OrderedDict()
-        for segment in idle:
-            segment.close()
 
 
 class ServerMappings:
@@ -292,7 +238,7 @@ def _place(place, mappings: list[mmap.mmap]) -> tuple[mmap.mmap, int, np.dtype, 
         raise ProtocolError(f"shared-memory shape {shape!r:.80} is invalid")
     dtype = np.dtype(_DTYPES[dtype])
     mapping = mappings[segment]
-    if not (isinstance(offset, int) and offset >= 0 and offset % _ALIGN == 0) or offset + _nbytes(shape, dtype) > len(mapping):
+    if not (isinstance(offset, int) and offset >= 0 and offset % ALIGNMENT == 0) or offset + _nbytes(shape, dtype) > len(mapping):
         raise ProtocolError(f"shared-memory place at offset {offset!r:.20} does not fit its segment")
     return mapping, offset, dtype, tuple(shape)
 
