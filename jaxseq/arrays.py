@@ -27,7 +27,6 @@ def all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(total)) or bool(np.isfinite(array).all())
 
 
-
 def copy_padded(array: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out`` holding ``array`` (cast to ``out``'s dtype) in its leading corner and zeros in the
     rest: one pass over the data, where ``np.pad`` would allocate and copy.

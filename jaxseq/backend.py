@@ -20,7 +20,7 @@ import numpy as np
 from jaxseq.arrays import copy_padded
 from jaxseq.config import LlamaConfig
 from jaxseq.llama import BlockParams, run_span
-from jaxseq.memory import MemoryPool, PrivateMemory
+from jaxseq.memory import MemoryPool, PrivateMemory, round_up
 
 
 def bucket(n: int) -> int:
@@ -33,7 +33,7 @@ def bucket(n: int) -> int:
     if n <= 8:
         return n
     step = 1 << (n.bit_length() - 3)
-    return -(-n // step) * step
+    return round_up(n, step)
 
 
 def _equal(a: jax.Array, b: jax.Array) -> bool:

@@ -40,6 +40,16 @@ class Memory(Protocol):
 M = TypeVar("M", bound=Memory)
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The least multiple of ``multiple`` that is at least ``n``."""
+    return -(-n // multiple) * multiple
+
+
+def nbytes(shape: Sequence[int], dtype) -> int:
+    """Bytes of an array of ``shape`` and ``dtype``."""
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 @dataclasses.dataclass(eq=False)
 class PrivateMemory:
     """Anonymous memory of this process, in huge pages where the kernel allows (fewer faults and TLB misses)."""
@@ -81,7 +91,7 @@ class MemoryPool(Generic[M]):
 
     def acquire(self, size: int) -> M:
         """Idle memory of at least ``size`` bytes (and at most twice that), or new memory."""
-        size = max(GRANULE, -(-size // GRANULE) * GRANULE)
+        size = max(GRANULE, round_up(size, GRANULE))
         with self._lock:
             self._take_returned()
             fits = [m for m in self._idle if size <= m.size <= 2 * size]
@@ -109,9 +119,8 @@ class MemoryPool(Generic[M]):
 
     def empty(self, shape: Sequence[int], dtype) -> np.ndarray:
         """An uninitialized array in pooled memory (page-aligned), back in the pool when it and its views are gone."""
-        dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        return self.lend(self.acquire(nbytes))[:nbytes].view(dtype).reshape(shape)
+        size = nbytes(shape, dtype)
+        return self.lend(self.acquire(size))[:size].view(dtype).reshape(shape)
 
     def _take_returned(self) -> None:
         while self._returned:

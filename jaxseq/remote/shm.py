@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import ml_dtypes
 import numpy as np
 
-from jaxseq.memory import ALIGNMENT, MemoryPool
+from jaxseq.memory import ALIGNMENT, MemoryPool, nbytes, round_up
 from jaxseq.remote.protocol import ProtocolError
 
 METADATA_KEY = "jaxseq_shm"  # {"pid", "segments": [[fd, inode, size]], "inputs"/"outputs": [[segment, offset, dtype, shape]]}
@@ -57,16 +57,8 @@ def host_id() -> Optional[str]:
     return f"{socket.gethostname()}/{boot}/{pid_namespace}" if hasattr(os, "memfd_create") else None
 
 
-def _aligned(n: int, to: int = ALIGNMENT) -> int:
-    return -(-n // to) * to
-
-
-def _nbytes(shape: Sequence[int], dtype) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
 def _view(mapping: mmap.mmap, offset: int, dtype, shape: Sequence[int]) -> np.ndarray:
-    return np.frombuffer(mapping, np.uint8, _nbytes(shape, dtype), offset).view(dtype).reshape(shape)
+    return np.frombuffer(mapping, np.uint8, nbytes(shape, dtype), offset).view(dtype).reshape(shape)
 
 
 @dataclasses.dataclass(eq=False)
@@ -129,7 +121,7 @@ class Exchange:
         inputs, outputs = self._segments
         self._pool.release(inputs)
         owner = self._pool.lend(outputs)
-        views = [owner[o : o + _nbytes(s, d)].view(_DTYPES[d]).reshape(s) for _, o, d, s in self._outputs]
+        views = [owner[o : o + nbytes(s, d)].view(_DTYPES[d]).reshape(s) for _, o, d, s in self._outputs]
         for view in views:
             view.flags.writeable = False
         self._segments = []
@@ -146,7 +138,7 @@ def _layout(arrays: Sequence[tuple[tuple, np.dtype]], segment: int) -> tuple[lis
     places, offset = [], 0
     for shape, dtype in arrays:
         places.append([segment, offset, np.dtype(dtype).name, [int(d) for d in shape]])
-        offset = _aligned(offset + _nbytes(shape, dtype))
+        offset = round_up(offset + nbytes(shape, dtype), ALIGNMENT)
     return places, offset
 
 
@@ -182,7 +174,7 @@ class ServerMappings:
         if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) + len(outputs) > 8:
             raise ProtocolError("shared-memory inputs and outputs must be lists of at most 8 places in all")
         inputs, outputs = [_place(p, mappings) for p in inputs], [_place(p, mappings) for p in outputs]
-        if sum(_nbytes(shape, dtype) for _, _, dtype, shape in inputs) > self.max_bytes:
+        if sum(nbytes(shape, dtype) for _, _, dtype, shape in inputs) > self.max_bytes:
             raise ProtocolError(f"shared-memory inputs exceed this server's limit of {self.max_bytes} bytes")
         return [_view(*place) for place in inputs], [_view(*place) for place in outputs]
 
@@ -238,7 +230,7 @@ def _place(place, mappings: list[mmap.mmap]) -> tuple[mmap.mmap, int, np.dtype, 
         raise ProtocolError(f"shared-memory shape {shape!r:.80} is invalid")
     dtype = np.dtype(_DTYPES[dtype])
     mapping = mappings[segment]
-    if not (isinstance(offset, int) and offset >= 0 and offset % ALIGNMENT == 0) or offset + _nbytes(shape, dtype) > len(mapping):
+    if not (isinstance(offset, int) and offset >= 0 and offset % ALIGNMENT == 0) or offset + nbytes(shape, dtype) > len(mapping):
         raise ProtocolError(f"shared-memory place at offset {offset!r:.20} does not fit its segment")
     return mapping, offset, dtype, tuple(shape)
 
