@@ -50,6 +50,20 @@ def nbytes(shape: Sequence[int], dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
+def view(memory, offset: int, dtype, shape: Sequence[int]) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` over the bytes of ``memory`` (a mapping or an array) from ``offset``;
+    it keeps ``memory`` alive."""
+    return np.frombuffer(memory, np.uint8, nbytes(shape, dtype), offset).view(dtype).reshape(shape)
+
+
+def close_mapping(mapping: mmap.mmap) -> None:
+    """Unmap now, or, while arrays over the mapping are alive, when the last of them goes."""
+    try:
+        mapping.close()
+    except BufferError:
+        pass
+
+
 @dataclasses.dataclass(eq=False)
 class PrivateMemory:
     """Anonymous memory of this process, in huge pages where the kernel allows (fewer faults and TLB misses)."""
@@ -67,10 +81,7 @@ class PrivateMemory:
         return cls(size, mapping)
 
     def close(self) -> None:
-        try:
-            self.mapping.close()
-        except BufferError:  # arrays over it are still alive; the mapping goes when they do
-            pass
+        close_mapping(self.mapping)
 
 
 class MemoryPool(Generic[M]):
@@ -119,8 +130,7 @@ class MemoryPool(Generic[M]):
 
     def empty(self, shape: Sequence[int], dtype) -> np.ndarray:
         """An uninitialized array in pooled memory (page-aligned), back in the pool when it and its views are gone."""
-        size = nbytes(shape, dtype)
-        return self.lend(self.acquire(size))[:size].view(dtype).reshape(shape)
+        return view(self.lend(self.acquire(nbytes(shape, dtype))), 0, dtype, shape)
 
     def _take_returned(self) -> None:
         while self._returned:

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import ml_dtypes
 import numpy as np
 
-from jaxseq.memory import ALIGNMENT, MemoryPool, nbytes, round_up
+from jaxseq.memory import ALIGNMENT, MemoryPool, close_mapping, nbytes, round_up, view
 from jaxseq.remote.protocol import ProtocolError
 
 METADATA_KEY = "jaxseq_shm"  # {"pid", "segments": [[fd, inode, size]], "inputs"/"outputs": [[segment, offset, dtype, shape]]}
@@ -55,10 +55,6 @@ def host_id() -> Optional[str]:
     except OSError:
         return None
     return f"{socket.gethostname()}/{boot}/{pid_namespace}" if hasattr(os, "memfd_create") else None
-
-
-def _view(mapping: mmap.mmap, offset: int, dtype, shape: Sequence[int]) -> np.ndarray:
-    return np.frombuffer(mapping, np.uint8, nbytes(shape, dtype), offset).view(dtype).reshape(shape)
 
 
 @dataclasses.dataclass(eq=False)
@@ -82,10 +78,7 @@ class _Segment:
             raise
 
     def close(self) -> None:
-        try:
-            self.mapping.close()
-        except BufferError:  # views are still alive; the mapping goes when they do
-            pass
+        close_mapping(self.mapping)
         os.close(self.fd)
 
 
@@ -105,7 +98,7 @@ class Exchange:
         try:
             self._segments.append(pool.acquire(out_size))
             for (_, offset, _, _), array in zip(in_places, inputs):
-                np.copyto(_view(self._segments[0].mapping, offset, array.dtype, array.shape), array)
+                np.copyto(view(self._segments[0].mapping, offset, array.dtype, array.shape), array)
         except BaseException:
             self.discard()
             raise
@@ -121,11 +114,11 @@ class Exchange:
         inputs, outputs = self._segments
         self._pool.release(inputs)
         owner = self._pool.lend(outputs)
-        views = [owner[o : o + nbytes(s, d)].view(_DTYPES[d]).reshape(s) for _, o, d, s in self._outputs]
-        for view in views:
-            view.flags.writeable = False
+        results = [view(owner, o, _DTYPES[d], s) for _, o, d, s in self._outputs]
+        for result in results:
+            result.flags.writeable = False
         self._segments = []
-        return views
+        return results
 
     def discard(self) -> None:
         for segment in self._segments:
@@ -176,7 +169,7 @@ class ServerMappings:
         inputs, outputs = [_place(p, mappings) for p in inputs], [_place(p, mappings) for p in outputs]
         if sum(nbytes(shape, dtype) for _, _, dtype, shape in inputs) > self.max_bytes:
             raise ProtocolError(f"shared-memory inputs exceed this server's limit of {self.max_bytes} bytes")
-        return [_view(*place) for place in inputs], [_view(*place) for place in outputs]
+        return [view(*place) for place in inputs], [view(*place) for place in outputs]
 
     def _mapping(self, pid: int, segment) -> mmap.mmap:
         if not (isinstance(segment, list) and len(segment) == 3 and all(isinstance(v, int) and v >= 0 for v in segment)):
