@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install
+.PHONY: demo test install lint
 
 install: $(STAMP)
 
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/jaxseq demo
 
+# Formatting, lint (imports sorted) and types: each must report nothing.
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 # The interop tests run against a real Petals 2.2 in its own venv (its pins clash with ours). Exit code 3
 # means the package index is unreachable: those tests then skip, saying so; any other failure fails.
-test: $(STAMP)
+# pytest also runs every docstring example (--doctest-modules over jaxseq and bridges).
+test: lint
 	bash tests/interop/petals_venv.sh || { rc=$$?; [ $$rc -eq 3 ] || exit $$rc; echo "PETALS VENV UNAVAILABLE: interop tests will skip" >&2; }
 	$(BIN)/python -m pytest

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ import torch
 import bridges
 import jaxseq
 
-from common import CFG, BATCH, PROMPT_LEN, SEQ, timed
+from common import BATCH, CFG, PROMPT_LEN, SEQ, timed
 
 
 def training_steps(manager: jaxseq.SequenceManager) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -78,8 +78,8 @@ def main() -> None:
     to_torch, to_jax = conversion_times()
 
     print(
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, jax {jax.__version__}, "
-        f"torch {torch.__version__}"
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"jax {jax.__version__}, torch {torch.__version__}"
     )
     print(
         f"hidden {CFG.hidden_size}, intermediate {CFG.intermediate_size}, {CFG.num_attention_heads} heads, "

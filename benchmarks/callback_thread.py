@@ -26,8 +26,9 @@ import time
 import jax
 
 import jaxseq
+from jaxseq.testing.local_swarm import LocalSequenceManager, servers_device
+
 from common import CFG, inputs, machine, timed, training_step
-from jaxseq.emulation import LocalSequenceManager, servers_device
 
 
 class ThreadNotingManager(LocalSequenceManager):
@@ -75,7 +76,9 @@ def main() -> None:
     local = lambda: jax.block_until_ready(local_step(x, prompts))  # noqa: E731
     placements = {"the caller's XLA client": jax.devices()[0], "a client of their own": servers_device()}
     results = {
-        where: by_callback_thread(jaxseq.LocalSwarm(cfg, params, [(0, 8)], device=device), local, x, prompts, args.steps)
+        where: by_callback_thread(
+            jaxseq.LocalSwarm(cfg, params, [(0, 8)], device=device), local, x, prompts, args.steps
+        )
         for where, device in placements.items()
     }
 
@@ -89,7 +92,9 @@ def main() -> None:
                 step_ms, local_ms = (1000 * statistics.median(p[i] for p in pairs) for i in (0, 1))
                 print(f"  {where:<26}{thread:<24}{len(pairs):>6}{step_ms:>7.0f}{local_ms:>9.0f}{ratio:>8.2f}")
         every = [p for pairs in groups.values() for p in pairs]
-        print(f"  {where:<26}{'all steps':<24}{len(every):>6}{'':>16}{statistics.median(s / b for s, b in every):>8.2f}")
+        print(
+            f"  {where:<26}{'all steps':<24}{len(every):>6}{'':>16}{statistics.median(s / b for s, b in every):>8.2f}"
+        )
 
 
 if __name__ == "__main__":

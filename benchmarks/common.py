@@ -6,7 +6,7 @@ import dataclasses
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ import jaxseq
 CFG = jaxseq.LlamaConfig(
     hidden_size=512, intermediate_size=1344, num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=8,
     vocab_size=1000,
-)
+)  # fmt: skip
 BATCH, SEQ, PROMPT_LEN = 8, 128, 16
 
 
@@ -67,6 +67,11 @@ def inputs(cfg: jaxseq.LlamaConfig = CFG, batch: int = BATCH, seq: int = SEQ, pr
 def training_step(blocks: Callable) -> Callable:
     """A jitted forward + backward w.r.t. hidden states and prompts through ``blocks(x, prompts)``."""
     return jax.jit(jax.value_and_grad(lambda x, p: jnp.mean(blocks(x, p) ** 2), argnums=(0, 1)))
+
+
+def run_step(step: Callable, *args) -> object:
+    """``step(*args)``, waited for: what a timed callable runs."""
+    return jax.block_until_ready(step(*args))
 
 
 def machine() -> str:

@@ -13,8 +13,11 @@ from common import BATCH, CFG, PROMPT_LEN, SEQ
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
 from petals_helpers import (  # noqa: E402
-    find_petals_python, petals_server, run_in_petals_venv, write_tiny_checkpoint_with_petals_venv,
-)  # fmt: skip
+    find_petals_python,
+    petals_server,
+    run_in_petals_venv,
+    write_tiny_checkpoint_with_petals_venv,
+)
 
 __all__ = ["find_petals_python", "petals_row", "write_checkpoint"]
 
@@ -22,7 +25,8 @@ __all__ = ["find_petals_python", "petals_row", "write_checkpoint"]
 _PETALS_STEPS = r"""
 import json, statistics, sys, time
 import torch, petals, transformers
-ckpt, peers, prefix, steps, batch, seq, prompt_len = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:8])
+ckpt, peers, prefix = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+steps, batch, seq, prompt_len = map(int, sys.argv[4:8])
 torch.manual_seed(0)
 remote = petals.DistributedLlamaForCausalLM.from_pretrained(ckpt, initial_peers=peers, dht_prefix=prefix,
                                                              torch_dtype=torch.float32, max_retries=3)
@@ -58,24 +62,51 @@ remote.model.layers.sequence_manager.dht.shutdown()
 print("RESULT " + json.dumps(out), flush=True)
 """
 
+
 def petals_row(python: str, checkpoint: Path, spans, steps: int, prefix: str, log_dir: str) -> dict:
     """Median seconds of a Petals training step through servers holding ``spans`` ("step"), of the same
     blocks locally in torch ("local"), and the median per-pair ratio ("ratio")."""
     with contextlib.ExitStack() as stack:
         first = stack.enter_context(
-            petals_server(python, checkpoint, block_indices="%d:%d" % spans[0], dht_prefix=prefix, log_dir=log_dir)
+            petals_server(
+                python, checkpoint, block_indices="{}:{}".format(*spans[0]), dht_prefix=prefix, log_dir=log_dir
+            )
         )
         for span in spans[1:]:
-            stack.enter_context(petals_server(python, checkpoint, block_indices="%d:%d" % span, dht_prefix=prefix,
-                                              initial_peers=[first.maddr], log_dir=log_dir))  # fmt: skip
-        stdout = run_in_petals_venv(python, _PETALS_STEPS, str(checkpoint), json.dumps([first.maddr]), prefix,
-                                    str(steps), str(BATCH), str(SEQ), str(PROMPT_LEN), timeout=1800)  # fmt: skip
+            stack.enter_context(
+                petals_server(
+                    python,
+                    checkpoint,
+                    block_indices="{}:{}".format(*span),
+                    dht_prefix=prefix,
+                    initial_peers=[first.maddr],
+                    log_dir=log_dir,
+                )
+            )
+        stdout = run_in_petals_venv(
+            python,
+            _PETALS_STEPS,
+            str(checkpoint),
+            json.dumps([first.maddr]),
+            prefix,
+            str(steps),
+            str(BATCH),
+            str(SEQ),
+            str(PROMPT_LEN),
+            timeout=1800,
+        )
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def write_checkpoint(python: str, path: Path) -> Path:
     """The benchmark's model (``common.CFG``, random float32 weights), written by the Petals venv."""
     return write_tiny_checkpoint_with_petals_venv(
-        python, path, hidden=CFG.hidden_size, layers=CFG.num_hidden_layers, heads=CFG.num_attention_heads,
-        kv_heads=CFG.num_key_value_heads, intermediate=CFG.intermediate_size, vocab=CFG.vocab_size,
-    )  # fmt: skip
+        python,
+        path,
+        hidden=CFG.hidden_size,
+        layers=CFG.num_hidden_layers,
+        heads=CFG.num_attention_heads,
+        kv_heads=CFG.num_key_value_heads,
+        intermediate=CFG.intermediate_size,
+        vocab=CFG.vocab_size,
+    )

@@ -7,13 +7,14 @@ both hold every block, with ``verify_fraction`` 0, 0.25 and 1, as a ratio to the
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
 
 import jaxseq
 
-from common import CFG, inputs, machine, paired_times, training_step
+from common import CFG, inputs, machine, paired_times, run_step, training_step
 
 
 def main() -> None:
@@ -25,11 +26,11 @@ def main() -> None:
     swarm = jaxseq.LocalSwarm(CFG, params, [(0, 8), (0, 8)])
     managers = {f: swarm.sequence_manager(jaxseq.ClientConfig(verify_fraction=f), seed=1) for f in (0.0, 0.25, 1.0)}
     steps = {f: training_step(lambda x, p, m=m: jaxseq.remote_sequential(x, p, m)) for f, m in managers.items()}
-    baseline = lambda: jax.block_until_ready(steps[0.0](x, prompts))  # noqa: E731
+    baseline = functools.partial(run_step, steps[0.0], x, prompts)
     print(f"{machine()}; {time.strftime('%Y-%m-%d')}; 8 blocks hidden {CFG.hidden_size}, batch 8 x 128, prompts 16")
     print(f"{'verify_fraction':<18}{'median ms':>10}{'/ without':>11}{'spans checked':>15}")
     for fraction, step in steps.items():
-        timing = paired_times(lambda: jax.block_until_ready(step(x, prompts)), baseline, args.steps)
+        timing = paired_times(functools.partial(run_step, step, x, prompts), baseline, args.steps)
         median, ratio = timing.step_s, timing.ratio
         manager = managers[fraction]
         print(f"{fraction:<18}{1000 * median:>10.1f}{ratio:>11.2f}{manager.verified_spans:>15}")

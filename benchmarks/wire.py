@@ -15,18 +15,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import mmap
 import statistics
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 import jaxseq
-from jaxseq.remote import RemoteSequenceManager
-from jaxseq.remote.launch import ServerProcess
-from jaxseq.routing import Span
+from jaxseq import RemoteSequenceManager
+from jaxseq.client.routing import Span
+from jaxseq.testing.launch import ServerProcess
 
 from common import CFG, machine
 
@@ -101,18 +102,22 @@ def one_block_server():
 
 
 def measure(server: ServerProcess, calls: int) -> list[WireResult]:
-    results, reference = [], {}
+    results: list[WireResult] = []
+    reference: dict[int, np.ndarray] = {}
     for transport, (shared_memory, compression) in TRANSPORTS.items():
         config = jaxseq.ClientConfig(
-            request_timeout=300.0, deadline=600.0, max_tokens_in_batch=1 << 20,
-            shared_memory=shared_memory, compression=compression,
-        )  # fmt: skip
+            request_timeout=300.0,
+            deadline=600.0,
+            max_tokens_in_batch=1 << 20,
+            shared_memory=shared_memory,
+            compression=compression,
+        )
         with RemoteSequenceManager([server.maddr], "bench-wire", config) as manager:
             span = Span(manager.records[0].peer, 0, 1)
             for mib in SIZES_MIB:
                 x = np.random.default_rng(mib).standard_normal((mib, 512, CFG.hidden_size), dtype=np.float32)
                 prompts = np.zeros((1, mib, 0, CFG.hidden_size), np.float32)
-                forward = lambda: manager.run(manager.forward(span, x, prompts, timeout=300.0))  # noqa: E731
+                forward = functools.partial(_forward, manager, span, x, prompts)
                 out = forward()
                 reference.setdefault(mib, out)
                 timings = []
@@ -123,6 +128,10 @@ def measure(server: ServerProcess, calls: int) -> list[WireResult]:
                     timings.append(call)
                 results.append(_result(transport, mib, timings, out, reference[mib]))
     return results
+
+
+def _forward(manager: RemoteSequenceManager, span: Span, x: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    return manager.run(manager.forward(span, x, prompts, timeout=300.0))
 
 
 def _result(transport: str, mib: int, timings: list, out: np.ndarray, reference: np.ndarray) -> WireResult:
@@ -137,9 +146,13 @@ def _result(transport: str, mib: int, timings: list, out: np.ndarray, reference:
         "wire": median(lambda c: c.round_trip_s - server_side(c) - c.server_io_s),
     }
     return WireResult(
-        transport, mib, median(lambda c: total(c) - server_side(c)), (mib << 20) * 2, parts,
+        transport,
+        mib,
+        median(lambda c: total(c) - server_side(c)),
+        (mib << 20) * 2,
+        parts,
         float(np.linalg.norm(out - reference) / np.linalg.norm(reference)),
-    )  # fmt: skip
+    )
 
 
 def print_table(results: list[WireResult]) -> None:
@@ -148,13 +161,18 @@ def print_table(results: list[WireResult]) -> None:
     print(f"  memcpy here, GB/s at {' / '.join(str(mib) for mib in SIZES_MIB)} MiB:")
     for state, what in MEMCPY.items():
         print(f"    {state:<6}" + " / ".join(f"{memcpy[mib][state]:4.1f}" for mib in SIZES_MIB) + f"   {what}")
-    print(f"  {'transport':<24}{'MiB':>5}{'ms':>8}{'GB/s':>7}" + "".join(f"{'/ ' + state:>8}" for state in MEMCPY)
-          + f"{'client ser':>11}{'server io':>10}{'wire':>8}{'rel err':>10}")  # fmt: skip
+    print(
+        f"  {'transport':<24}{'MiB':>5}{'ms':>8}{'GB/s':>7}"
+        + "".join(f"{'/ ' + state:>8}" for state in MEMCPY)
+        + f"{'client ser':>11}{'server io':>10}{'wire':>8}{'rel err':>10}"
+    )
     for r in results:
         ser, io, wire = (1000 * v for v in r.parts_s.values())
-        print(f"  {r.transport:<24}{r.mib:>5}{1000 * r.moving_s:>8.1f}{r.gbps:>7.2f}"
-              + "".join(f"{r.gbps / memcpy[r.mib][state]:>8.2f}" for state in MEMCPY)
-              + f"{ser:>11.1f}{io:>10.1f}{wire:>8.1f}{r.rel_err:>10.1e}")  # fmt: skip
+        print(
+            f"  {r.transport:<24}{r.mib:>5}{1000 * r.moving_s:>8.1f}{r.gbps:>7.2f}"
+            + "".join(f"{r.gbps / memcpy[r.mib][state]:>8.2f}" for state in MEMCPY)
+            + f"{ser:>11.1f}{io:>10.1f}{wire:>8.1f}{r.rel_err:>10.1e}"
+        )
 
 
 def main() -> None:

@@ -8,10 +8,10 @@
 
 Example:
     >>> import bridges, torch
-    >>> blocks = bridges.RemoteSequential(swarm.sequence_manager())              # doctest: +SKIP
-    >>> prompts = torch.nn.Parameter(torch.zeros(n_blocks, batch, 4, hidden))    # doctest: +SKIP
-    >>> opt = torch.optim.AdamW([prompts], lr=1e-2)                               # doctest: +SKIP
-    >>> blocks(x, prompts).pow(2).mean().backward(); opt.step()                   # doctest: +SKIP
+    >>> blocks = bridges.RemoteSequential(manager)
+    >>> prompts = torch.nn.Parameter(torch.zeros(4, 2, 3, 32))
+    >>> opt = torch.optim.AdamW([prompts], lr=1e-2)
+    >>> blocks(torch.ones(2, 5, 32), prompts).pow(2).mean().backward(); opt.step()
 """
 
 from bridges.dlpack import to_jax, to_torch

@@ -38,17 +38,15 @@ not updated, and it may reuse buffers it owns): only write into memory you own, 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-_CPU_ALIGNMENT = 64  # bytes; XLA's CPU client imports only buffers aligned to this
+from jaxseq.memory import ALIGNMENT
 
 
-def to_torch(array: jax.Array, *, copy: Optional[bool] = False) -> torch.Tensor:
+def to_torch(array: jax.Array, *, copy: bool | None = False) -> torch.Tensor:
     """The torch tensor sharing ``array``'s memory, on the same device.
 
     Example:
@@ -80,7 +78,7 @@ def to_torch(array: jax.Array, *, copy: Optional[bool] = False) -> torch.Tensor:
         ) from error
 
 
-def to_jax(tensor: torch.Tensor, *, copy: Optional[bool] = False) -> jax.Array:
+def to_jax(tensor: torch.Tensor, *, copy: bool | None = False) -> jax.Array:
     """The JAX array sharing ``tensor``'s memory, on the same device.
 
     Example:
@@ -117,7 +115,7 @@ def jax_dtype(dtype: torch.dtype) -> np.dtype:
         raise ValueError(f"JAX has no dtype {name}; convert the tensor with tensor.to(...) first") from None
 
 
-def _why_torch_cannot_share(array: jax.Array) -> Optional[str]:
+def _why_torch_cannot_share(array: jax.Array) -> str | None:
     if len(array.devices()) > 1:
         return f"it is sharded over {len(array.devices())} devices and DLPack carries one buffer"
     device = next(iter(array.devices()))
@@ -131,7 +129,7 @@ def _device_torch_sees(array: jax.Array) -> jax.Device:
     return device if device.platform == "cpu" or torch.cuda.is_available() else jax.devices("cpu")[0]
 
 
-def _why_jax_cannot_share(tensor: torch.Tensor) -> Optional[str]:
+def _why_jax_cannot_share(tensor: torch.Tensor) -> str | None:
     if tensor.requires_grad:
         return (
             "it requires grad and DLPack carries no autograd history; tensor.detach() shares its memory "
@@ -141,9 +139,9 @@ def _why_jax_cannot_share(tensor: torch.Tensor) -> Optional[str]:
         return f"it is on {tensor.device}, a device JAX doesn't see (JAX has {jax.devices()})"
     if not tensor.is_contiguous():
         return f"it is not contiguous (strides {tensor.stride()}); tensor.contiguous() copies it in torch"
-    if tensor.device.type == "cpu" and tensor.data_ptr() % _CPU_ALIGNMENT:
+    if tensor.device.type == "cpu" and tensor.data_ptr() % ALIGNMENT:
         return (
-            f"its data is not {_CPU_ALIGNMENT}-byte aligned, which JAX needs on CPU "
+            f"its data is not {ALIGNMENT}-byte aligned, which JAX needs on CPU "
             "(a view at an offset into its storage, e.g. t[1:]); tensor.clone() copies it in torch"
         )
     return None

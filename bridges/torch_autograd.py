@@ -4,8 +4,8 @@
 
 from __future__ import annotations
 
-import types
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +14,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from bridges.dlpack import jax_dtype, to_jax, to_torch
-from jaxseq.host import run_backward, run_forward
-from jaxseq.llama import check_inputs
-from jaxseq.manager import SequenceManager
+from jaxseq.client.calls import run_backward, run_forward
+from jaxseq.client.manager import SequenceManager
+from jaxseq.models.inputs import check_span_inputs
 
 
 class RemoteSequential(torch.nn.Module):
@@ -24,28 +24,37 @@ class RemoteSequential(torch.nn.Module):
 
     ``module(x, prompts=None)``: ``x`` is ``[batch, seq, hidden]``, ``prompts`` (deep prompts)
     ``[num_blocks, batch, prompt_len, hidden]`` or None. Differentiable w.r.t. both; the output is on
-    ``x``'s device with its dtype. Calls go through the same host code as ``jaxseq.remote_sequential``
-    (``jaxseq.host``): micro-batching, re-routing and retries, and forward state kept in
+    ``x``'s device with its dtype. Calls go through the same code as ``jaxseq.remote_sequential``
+    (``jaxseq.client.calls``): micro-batching, re-routing and retries, and forward state kept in
     ``manager.saved`` until backward (bounded; a backward whose state was dropped recomputes it).
     Swarm failures raise the typed ``jaxseq`` errors (``MissingBlocksError``, ``RemoteCallError``).
 
     Example:
-        >>> blocks = RemoteSequential(swarm.sequence_manager())                    # doctest: +SKIP
-        >>> prompts = torch.nn.Parameter(torch.zeros(n_blocks, batch, 4, hidden))  # doctest: +SKIP
-        >>> blocks(x, prompts).pow(2).mean().backward()                            # doctest: +SKIP
+        >>> blocks = RemoteSequential(manager)
+        >>> prompts = torch.nn.Parameter(torch.zeros(4, 2, 3, 32))
+        >>> blocks(torch.ones(2, 5, 32), prompts).pow(2).mean().backward()
+        >>> prompts.grad.shape
+        torch.Size([4, 2, 3, 32])
     """
 
     def __init__(self, manager: SequenceManager):
         super().__init__()
         self.manager = manager
 
-    def forward(self, x: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         for name, value in (("x", x), ("prompts", prompts)):
             if value is not None and not isinstance(value, torch.Tensor):
                 raise TypeError(
-                    f"{name} must be a torch.Tensor, got {type(value).__name__}; for JAX arrays use jaxseq.remote_sequential"
+                    f"{name} must be a torch.Tensor, got {type(value).__name__}; "
+                    "for JAX arrays use jaxseq.remote_sequential"
                 )
-        check_inputs(self.manager.hidden_size or x.shape[-1], self.manager.num_blocks, _spec(x), _spec(prompts))
+        check_span_inputs(
+            _spec(x),
+            _spec(prompts),
+            hidden_size=self.manager.hidden_size or x.shape[-1],
+            num_blocks=self.manager.num_blocks,
+            name="x",
+        )
         if prompts is None:
             prompts = x.new_zeros((self.manager.num_blocks, x.shape[0], 0, x.shape[2]))
         save = torch.is_grad_enabled() and (x.requires_grad or prompts.requires_grad)
@@ -58,17 +67,19 @@ class RemoteSequential(torch.nn.Module):
 class _RemoteSequentialFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, prompts, manager, save):
-        out, ctx.handle = run_forward(manager, _host(x), _host(prompts), save)
+        out, ctx.handle = run_forward(manager, _as_numpy(x), _as_numpy(prompts), save)
         ctx.manager = manager
         ctx.save_for_backward(x, prompts)
-        return _from_host(out, like=x)
+        return _from_numpy(out, like=x)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, prompts = ctx.saved_tensors
-        grad_x, grad_prompts = run_backward(ctx.manager, _host(x), _host(prompts), _host(grad_out), ctx.handle)
-        return _from_host(grad_x, like=x), _from_host(grad_prompts, like=prompts), None, None
+        grad_x, grad_prompts = run_backward(
+            ctx.manager, _as_numpy(x), _as_numpy(prompts), _as_numpy(grad_out), ctx.handle
+        )
+        return _from_numpy(grad_x, like=x), _from_numpy(grad_prompts, like=prompts), None, None
 
 
 def jax_function_as_torch(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -134,27 +145,28 @@ class _JaxFunctionApply(torch.autograd.Function):
         diff = tuple(i for i, t in enumerate(tensors) if ctx.needs_input_grad[i + 2])
         args = tuple(to_jax(t.detach(), copy=None) for t in tensors)
         cotangents = [
-            to_jax(g.detach(), copy=None) if jnp.issubdtype(s.dtype, jnp.inexact) else np.zeros(s.shape, jax.dtypes.float0)
+            to_jax(g.detach(), copy=None)
+            if jnp.issubdtype(s.dtype, jnp.inexact)
+            else np.zeros(s.shape, jax.dtypes.float0)
             for g, s in zip(grads, ctx.out_specs)
         ]
         grads_in = ctx.jax_fn.pullback(diff, args, jax.tree.unflatten(ctx.tree, cotangents))
-        result: list[Optional[torch.Tensor]] = [None] * len(tensors)
+        result: list[torch.Tensor | None] = [None] * len(tensors)
         for i, g in zip(diff, grads_in):
             result[i] = to_torch(g).to(tensors[i].device)
         return (None, None, *result)
 
 
-def _spec(t: Optional[torch.Tensor]) -> Optional[types.SimpleNamespace]:
-    """Shape and dtype of a tensor in the form ``jaxseq.llama.check_inputs`` reads."""
-    if t is None:
-        return None
-    return types.SimpleNamespace(ndim=t.ndim, shape=tuple(t.shape), dtype=jax_dtype(t.dtype))
+def _spec(t: torch.Tensor | None) -> jax.ShapeDtypeStruct | None:
+    """Shape and dtype of a tensor, as ``check_span_inputs`` reads them."""
+    return None if t is None else jax.ShapeDtypeStruct(tuple(t.shape), jax_dtype(t.dtype))
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    """``t`` as a host numpy array (the manager works on host memory): zero-copy for a CPU tensor JAX can share."""
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a numpy array in the client's memory (where the manager works): zero-copy for a CPU
+    tensor JAX can share."""
     return np.asarray(to_jax(t.detach().cpu(), copy=None))
 
 
-def _from_host(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+def _from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return to_torch(jnp.asarray(a)).to(like.device)

@@ -5,7 +5,8 @@ in torch) as a differentiable JAX function that works under ``jax.jit``, ``jax.g
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,10 @@ import torch
 
 from bridges.dlpack import jax_dtype, to_jax, to_torch
 
-OutShape = Union[Any, Callable[..., Any]]
+OutShape = Any  # a pytree of jax.ShapeDtypeStruct, or a function of the inputs' that returns one
 
 
-def torch_module_as_jax(module: Callable[..., Any], *, out_shape: Optional[OutShape] = None) -> Callable[..., Any]:
+def torch_module_as_jax(module: Callable[..., Any], *, out_shape: OutShape | None = None) -> Callable[..., Any]:
     """``module`` (a torch callable of tensors) as a JAX function of arrays, differentiable w.r.t. its inputs.
 
     Runs in host callbacks (``jax.pure_callback``), so it works eagerly and under ``jax.jit``;
@@ -44,7 +45,7 @@ def torch_module_as_jax(module: Callable[..., Any], *, out_shape: Optional[OutSh
 
 
 class _TorchAsJax:
-    def __init__(self, module: Callable[..., Any], out_shape: Optional[OutShape]):
+    def __init__(self, module: Callable[..., Any], out_shape: OutShape | None):
         self.module = module
         self.out_shape = out_shape
         self.device = _device_of(module)
@@ -64,7 +65,7 @@ class _TorchAsJax:
 
     def _bwd(self, args, cotangents):
         diff = [i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating)]
-        result: list[Optional[jax.Array]] = [None] * len(args)
+        result: list[jax.Array | None] = [None] * len(args)
         if not diff:
             return tuple(result)
         cotangents = [c for c in jax.tree.leaves(cotangents) if c.dtype != jax.dtypes.float0]
@@ -112,8 +113,8 @@ class _TorchAsJax:
 
 def _device_of(module: Callable[..., Any]) -> torch.device:
     if isinstance(module, torch.nn.Module):
-        for tensor in module.parameters():
-            return tensor.device
-        for tensor in module.buffers():
-            return tensor.device
+        for parameter in module.parameters():
+            return parameter.device
+        for buffer in module.buffers():
+            return buffer.device
     return torch.device("cpu")

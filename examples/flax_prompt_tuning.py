@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 import jaxseq
-from jaxseq.remote import RemoteSequenceManager
+from jaxseq import RemoteSequenceManager
 
 
 def main() -> None:
@@ -56,7 +56,10 @@ def main() -> None:
             ids = jnp.asarray(rng.integers(0, vocab, (args.batch, args.seq)))
             start = time.perf_counter()
             loss = float(train_step(model, optimizer, ids))
-            print(f"step {step:4d}  loss {loss:.4f}  {1000 * (time.perf_counter() - start):.0f} ms  retries {manager.retries}")
+            print(
+                f"step {step:4d}  loss {loss:.4f}  {1000 * (time.perf_counter() - start):.0f} ms  "
+                f"retries {manager.retries}"
+            )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 import bridges
 import jaxseq
-from jaxseq.remote import RemoteSequenceManager
+from jaxseq import RemoteSequenceManager
 
 
 def local_manager(hidden_size: int, num_blocks: int) -> jaxseq.SequenceManager:

@@ -1,38 +1,55 @@
 """jaxseq: train through a swarm of servers that each host a span of Llama blocks, from JAX and Flax.
 
-The data path: a Flax module -> ``remote_sequential`` (a ``jax.custom_vjp``) -> host callback ->
-``SequenceManager`` (routing, retries, bans) -> the wire (Petals 2.2's protocol) -> a server -> Llama blocks.
+The data path: ``DistributedLlama`` (Flax NNX) -> ``remote_sequential`` (a ``jax.custom_vjp``) -> host
+callback -> the chain and the sequence manager (routing, retries, bans) -> the wire (Petals 2.2's
+protocol) -> a server -> the blocks. The package is laid out by the process that runs the code:
+``jaxseq.client`` (the user's process), ``jaxseq.server`` (a ``jaxseq-server``), ``jaxseq.models``
+and ``jaxseq.remote`` (both sides: model math, checkpoints and the wire), ``jaxseq.testing`` (an
+in-process swarm, a server launcher) and ``jaxseq.cli``.
+
+This module exports the user's API. ``RemoteSequenceManager`` is imported on first use, so that
+``import jaxseq`` doesn't import hivemind.
 """
 
-from jaxseq.backend import BlockBackend, bucket
-from jaxseq.checkpoint import load_checkpoint, load_config, load_head, random_checkpoint, write_checkpoint
-from jaxseq.config import ClientConfig, LlamaConfig
-from jaxseq.emulation import EmulatedServer, LocalSwarm
-from jaxseq.errors import MissingBlocksError, RemoteCallError, SwarmError
-from jaxseq.llama import block_forward, init_block_params, local_sequential
-from jaxseq.manager import SequenceManager
-from jaxseq.model import DistributedLlama
-from jaxseq.primitive import remote_sequential
-from jaxseq.routing import ServerRecord, ServerState, Span, route
+import logging
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from jaxseq.client.config import ClientConfig
+from jaxseq.client.errors import MissingBlocksError, RemoteCallError, SwarmError, swarm_errors
+from jaxseq.client.model import DistributedLlama
+from jaxseq.client.primitive import remote_sequential
+from jaxseq.models.checkpoint import load_checkpoint, load_config, load_head, random_checkpoint, write_checkpoint
+from jaxseq.models.config import LlamaConfig
+from jaxseq.models.llama import init_block_params, local_sequential
+from jaxseq.testing.local_swarm import LocalSwarm
+
+if TYPE_CHECKING:
+    from jaxseq.client.remote_manager import RemoteSequenceManager
+
+__version__ = version("jaxseq")
+
+# A library logs, its user decides where to: nothing is printed unless the application configures logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RemoteSequenceManager":
+        from jaxseq.client.remote_manager import RemoteSequenceManager
+
+        return RemoteSequenceManager
+    raise AttributeError(f"module 'jaxseq' has no attribute {name!r}")
+
 
 __all__ = [
-    "BlockBackend",
     "ClientConfig",
     "DistributedLlama",
-    "EmulatedServer",
     "LlamaConfig",
     "LocalSwarm",
     "MissingBlocksError",
     "RemoteCallError",
-    "SequenceManager",
-    "ServerRecord",
-    "ServerState",
-    "Span",
+    "RemoteSequenceManager",
     "SwarmError",
-    "block_forward",
-    "bucket",
     "init_block_params",
     "load_checkpoint",
     "load_config",
@@ -40,6 +57,6 @@ __all__ = [
     "local_sequential",
     "random_checkpoint",
     "remote_sequential",
-    "route",
+    "swarm_errors",
     "write_checkpoint",
 ]

@@ -1,8 +1,56 @@
-"""Helpers for the numpy arrays that cross the wire, shared by clients and servers."""
+"""The numpy arrays that cross between client and server: the dtypes they may have, and checks and
+copies of them. Both sides use this module."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import ml_dtypes
 import numpy as np
+
+# Every dtype a tensor may have on the wire or in shared memory, by the name hivemind and torch use.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(dtype)
+    for name, dtype in [
+        ("float32", np.float32),
+        ("float16", np.float16),
+        ("bfloat16", ml_dtypes.bfloat16),
+        ("float64", np.float64),
+        ("int64", np.int64),
+        ("int32", np.int32),
+        ("int16", np.int16),
+        ("int8", np.int8),
+        ("uint8", np.uint8),
+        ("bool", np.bool_),
+    ]
+}
+FLOAT_DTYPES: dict[str, np.dtype] = {
+    name: dtype for name, dtype in DTYPES.items() if name.startswith(("float", "bfloat"))
+}
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name of ``dtype`` in ``DTYPES`` (as hivemind and torch spell it).
+
+    Example:
+        >>> dtype_name(ml_dtypes.bfloat16), dtype_name(np.float32)
+        ('bfloat16', 'float32')
+    """
+    dtype = np.dtype(dtype)
+    for name, known in DTYPES.items():
+        if dtype == known:
+            return name
+    raise ValueError(f"dtype {dtype} can't cross the wire; use one of {sorted(DTYPES)}")
+
+
+def is_floating(dtype: Any) -> bool:
+    """Whether ``dtype`` is a floating dtype, bfloat16 included (numpy alone says it is not).
+
+    Example:
+        >>> is_floating(ml_dtypes.bfloat16), is_floating(np.int32)
+        (True, False)
+    """
+    return np.dtype(dtype) in FLOAT_DTYPES.values()
 
 
 def all_finite(array: np.ndarray) -> bool:

@@ -1,10 +1,11 @@
 """Host memory reused across calls: pages already faulted in are several times faster to fill.
 
-The first write to new memory takes a page fault per page: on this project's 2-core test machine a
-copy into new pages runs at about 2.4 GB/s, into pages used before at 9-14 GB/s. So clients keep
-their shared-memory segments in a pool (``remote.shm``), and servers the memory they stage inputs
-in (``backend``). Memory is handed out as numpy arrays, and goes back to its pool when the array
-and every view of it are gone (JAX's, where it adopted the array, included).
+The first write to new memory takes a page fault per page, so a copy into new pages runs several
+times slower than into pages used before (``docs/benchmarks.md`` has the figures). So clients keep
+their shared-memory segments in a pool (``jaxseq.client.shm``), and servers the memory they stage
+inputs in (``jaxseq.server.backend``): both sides use this module. Memory is handed out as numpy
+arrays, and goes back to its pool when the array and every view of it are gone (JAX's, where it
+adopted the array, included).
 
 Example:
     >>> pool = MemoryPool(PrivateMemory.create)
@@ -20,7 +21,8 @@ import dataclasses
 import mmap
 import threading
 import weakref
-from typing import Callable, Generic, Protocol, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -72,7 +74,7 @@ class PrivateMemory:
     mapping: mmap.mmap
 
     @classmethod
-    def create(cls, size: int) -> "PrivateMemory":
+    def create(cls, size: int) -> PrivateMemory:
         mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
             mapping.madvise(mmap.MADV_HUGEPAGE)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import jaxseq
-from jaxseq.backend import BlockBackend, bucket
-from conftest import rel_err
+from jaxseq.server.backend import BlockBackend, bucket
+
+from helpers import rel_err
 
 TOL = 1e-5
 
@@ -39,7 +40,7 @@ def test_bucket_bounds_padding(n):
 
 @pytest.mark.parametrize("batch,seq,prompt_len", [(1, 1, 0), (3, 13, 2), (9, 33, 33)])
 def test_padded_shapes_compute_exactly(tiny_cfg, tiny_params, batch, seq, prompt_len):
-    backend = BlockBackend(tiny_cfg, tiny_params[1:3], first=1)
+    backend = BlockBackend(tiny_cfg, tiny_params[1:3], start=1)
     x, prompts, grad = _arrays(tiny_cfg, batch, seq, prompt_len, 2)
     out_ref, (gx_ref, gp_ref) = _reference(tiny_cfg, tiny_params, x, prompts, grad, 1, 3)
     assert rel_err(backend.forward(x, prompts, 1, 3), out_ref) < TOL
@@ -135,7 +136,8 @@ def test_swarm_training_step_uses_the_cache(tiny_cfg, tiny_params, make_swarm):
 def test_moves_to_and_from_the_device_are_timed_apart_from_compute(tiny_cfg, tiny_params, monkeypatch):
     """A server reports the time its inputs take to reach the blocks' memory (and the results to come
     back) as moving the data, not as compute: benchmarks of the wire must count it."""
-    from jaxseq.remote.handler import TransformerConnectionHandler
+    from jaxseq.server.config import ServerConfig
+    from jaxseq.server.handler import TransformerConnectionHandler
 
     backend = BlockBackend(tiny_cfg, tiny_params)
     x, prompts, grad = _arrays(tiny_cfg, 2, 7, 3, 4)
@@ -153,7 +155,8 @@ def test_moves_to_and_from_the_device_are_timed_apart_from_compute(tiny_cfg, tin
         run()
         assert backend.transfer_s - before >= placed * delay, name
 
-    handler = TransformerConnectionHandler(backend, "test", version="test")
+    config = ServerConfig(checkpoint="unused", blocks=(0, 4), dht_prefix="test", new_swarm=True)
+    handler = TransformerConnectionHandler(backend, config, version="test")
     started = time.perf_counter()
     _, timing = asyncio.run(handler._compute(backend.backward, x, prompts, grad, 0, 4))
     assert time.perf_counter() - started >= 3 * delay

@@ -16,7 +16,8 @@ import torch
 
 import bridges
 import jaxseq
-from conftest import random_inputs, rel_err
+
+from helpers import random_inputs, rel_err
 
 TOL = 1e-5
 
@@ -284,7 +285,9 @@ def test_remote_sequential_rejects_bad_input(make_swarm, x_shape, prompts_shape,
     prompts = None if prompts_shape is None else torch.zeros(prompts_shape)
     with pytest.raises(error, match=message):
         bridges.RemoteSequential(manager)(x, prompts)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ArrayImpl; for JAX arrays use jaxseq.remote_sequential"):
+    with pytest.raises(
+        TypeError, match="x must be a torch.Tensor, got ArrayImpl; for JAX arrays use jaxseq.remote_sequential"
+    ):
         bridges.RemoteSequential(manager)(jnp.zeros((1, 5, 32)))
     assert swarm.servers[0].calls == {"forward": 0, "backward": 0}
 

@@ -18,9 +18,9 @@ import safetensors.numpy
 import torch
 import transformers
 
-from jaxseq.checkpoint import load_checkpoint, load_head, random_checkpoint, write_checkpoint
-from jaxseq.config import LlamaConfig
-from jaxseq.llama import local_sequential
+from jaxseq.models.checkpoint import load_checkpoint, load_head, random_checkpoint, write_checkpoint
+from jaxseq.models.config import LlamaConfig
+from jaxseq.models.llama import local_sequential
 
 NUM_LAYERS = 4
 HF_KWARGS = dict(

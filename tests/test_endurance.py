@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import jaxseq
-from jaxseq.remote import RemoteSequenceManager
+from jaxseq import RemoteSequenceManager
 
 RSS_BOUND = 48 * 2**20  # growth allowed between a warmed-up point and the end of a long run
 
@@ -35,12 +35,17 @@ def _p2pd_descendants() -> set[int]:
 def test_eight_concurrent_clients(checkpoint, start_servers):
     path = checkpoint[0]
     servers, prefix = start_servers([(0, 4), (0, 2), (2, 4)])
-    script = Path(__file__).with_name("concurrent_client.py")
+    script = Path(__file__).parent / "programs" / "concurrent_client.py"
     clients = [
-        subprocess.Popen([sys.executable, str(script), servers[0].maddr, prefix, str(path), "50", str(seed)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        subprocess.Popen(
+            [sys.executable, str(script), servers[0].maddr, prefix, str(path), "50", str(seed)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         for seed in range(8)
-    ]  # fmt: skip
+    ]
     try:
         outputs = [client.communicate(timeout=900) for client in clients]
     finally:

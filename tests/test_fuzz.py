@@ -1,4 +1,4 @@
-"""A short seeded fuzz run against a live server (the full 10,000-request run is ``python tests/fuzz.py``)."""
+"""A short seeded fuzz run against a live server (the full 10,000-request run is ``python tests/programs/fuzz.py``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import psutil
 import pytest
 
 import jaxseq
-from jaxseq.remote import RemoteSequenceManager
-from conftest import rel_err
-from fuzz import WELL_FORMED, fuzz
+from jaxseq import RemoteSequenceManager
+
+from helpers import rel_err
+from programs.fuzz import WELL_FORMED, fuzz
 
 pytestmark = pytest.mark.network
 COUNT = 1000
@@ -29,11 +30,13 @@ def test_fuzzed_server_survives_and_still_answers_correctly(checkpoint, start_se
     rss_before = psutil.Process(server.process.pid).memory_info().rss
     results = run()
     outcomes = collections.Counter()
-    for (kind, outcome), n in results.items():
+    for (_, outcome), n in results.items():
         outcomes[outcome] += n
     assert sum(outcomes.values()) == COUNT
     assert outcomes["timeout"] == 0, results  # every request answered or closed within its timeout
-    assert not [(k, o) for (k, o) in results if o == "ok" and k not in WELL_FORMED], results  # nothing malformed accepted
+    assert not [(k, o) for (k, o) in results if o == "ok" and k not in WELL_FORMED], (
+        results
+    )  # nothing malformed accepted
     for kind in WELL_FORMED:  # and everything well-formed answered
         assert results.get((kind, "ok"), 0) > 0 and not [o for (k, o) in results if k == kind and o != "ok"], results
     assert server.process.poll() is None

@@ -11,13 +11,14 @@ import jax
 import pytest
 
 import jaxseq
-from jaxseq.remote import RemoteSequenceManager
-from jaxseq.remote.launch import ServerProcess
-from conftest import assert_matches, rel_err, training_step
+from jaxseq import RemoteSequenceManager
+from jaxseq.testing.launch import ServerProcess
+
+from helpers import assert_matches, rel_err, training_step
 
 pytestmark = pytest.mark.network
 TOL = 1e-5
-LYING_SERVER = (sys.executable, str(Path(__file__).with_name("lying_server.py")))
+LYING_SERVER = (sys.executable, str(Path(__file__).parent / "programs" / "lying_server.py"))
 
 
 @pytest.fixture
@@ -39,15 +40,24 @@ def test_lying_and_hanging_servers_are_caught(checkpoint, servers):
     _, cfg, params = checkpoint
     honest = [servers((0, 4), "liars", args=["--throughput", "1000"]).wait_ready()]
     honest.append(servers((0, 4), "liars", [honest[0].maddr], ["--throughput", "1000"]))
-    liars = {lie: servers((0, 4), "liars", [honest[0].maddr], command=(*LYING_SERVER, lie)) for lie in ("nan", "shape", "noise", "hang")}
+    liars = {
+        lie: servers((0, 4), "liars", [honest[0].maddr], command=(*LYING_SERVER, lie))
+        for lie in ("nan", "shape", "noise", "hang")
+    }
     for server in [honest[1], *liars.values()]:
         server.wait_ready()
     request_timeout = 10.0  # well above a tiny model's first compile on a loaded 2-core machine
     # Over the wire (Petals' protocol), where a server can send anything back; through same-host shared
     # memory a reply can't even take another shape (the client sizes the result segments).
     config = jaxseq.ClientConfig(
-        verify_fraction=1.0, request_timeout=request_timeout, ban_timeout=0.5, min_backoff=0.05, max_backoff=0.2,
-        max_retries=50, deadline=300.0, shared_memory=False,
+        verify_fraction=1.0,
+        request_timeout=request_timeout,
+        ban_timeout=0.5,
+        min_backoff=0.05,
+        max_backoff=0.2,
+        max_retries=50,
+        deadline=300.0,
+        shared_memory=False,
     )
     x = jax.random.normal(jax.random.key(0), (2, 6, cfg.hidden_size))
     prompts = 0.5 * jax.random.normal(jax.random.key(1), (4, 2, 2, cfg.hidden_size))
@@ -96,9 +106,12 @@ def test_server_allow_list_refuses_other_clients(checkpoint, servers):
     bootstrap = servers((0, 1), "guarded", args=["--throughput", "1"]).wait_ready()
     x = jax.random.normal(jax.random.key(0), (1, 4, cfg.hidden_size))
     config = jaxseq.ClientConfig(max_retries=0, min_backoff=0.01)
-    with RemoteSequenceManager([bootstrap.maddr], "guarded", config, num_blocks=4) as friend, \
-         RemoteSequenceManager([bootstrap.maddr], "guarded", config, num_blocks=4) as stranger:  # fmt: skip
-        guarded = servers((0, 4), "guarded", [bootstrap.maddr], ["--allowed-clients", friend.peer_id]).wait_ready()
+    with (
+        RemoteSequenceManager([bootstrap.maddr], "guarded", config, num_blocks=4) as friend,
+        RemoteSequenceManager([bootstrap.maddr], "guarded", config, num_blocks=4) as stranger,
+    ):
+        args = ["--allowed-clients", friend.peer_id, "--log-level", "INFO"]
+        guarded = servers((0, 4), "guarded", [bootstrap.maddr], args).wait_ready()
         only_guarded = jaxseq.ClientConfig(allowed_servers=[guarded.peer_id], max_retries=0)
         for manager in (friend, stranger):
             manager.config = only_guarded  # the friend's id was needed to start the server; now go private
@@ -110,6 +123,8 @@ def test_server_allow_list_refuses_other_clients(checkpoint, servers):
             jax.jit(lambda x: jaxseq.remote_sequential(x, None, stranger))(x).block_until_ready()
         # The refusal came before any compute: only the friend's request was computed.
         assert friend.server_info(guarded.peer_id)["jaxseq_computed"]["forward"] == 1
+        # and the server logged it with the reason
+        assert f"refused rpc_forward from {stranger.peer_id}: PermissionError" in guarded.log_tail(100_000)
 
 
 def test_a_burst_gets_busy_replies_that_clients_honour(checkpoint, servers):

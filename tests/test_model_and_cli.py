@@ -16,10 +16,11 @@ import pytest
 from flax import nnx
 
 import jaxseq
-from jaxseq.checkpoint import load_head
-from jaxseq.llama import rms_norm
-from jaxseq.model import DistributedLlama
-from conftest import rel_err
+from jaxseq import DistributedLlama
+from jaxseq.models.checkpoint import load_head
+from jaxseq.models.llama import rms_norm
+
+from helpers import rel_err
 
 TOL = 1e-5
 
@@ -62,7 +63,7 @@ def test_training_step_gradient_equals_local_reference(checkpoint, local_manager
     def reference(prefix, deep):
         hidden = jnp.concatenate([jnp.broadcast_to(prefix, (2,) + prefix.shape), head["embed_tokens"][ids]], axis=1)
         prompts = None if deep is None else jnp.broadcast_to(deep, (deep.shape[0], 2) + deep.shape[2:])
-        out = jaxseq.local_sequential(cfg, params, hidden, prompts)[:, prefix.shape[0]:]
+        out = jaxseq.local_sequential(cfg, params, hidden, prompts)[:, prefix.shape[0] :]
         return loss_of_logits(rms_norm(out, head["norm"], cfg.rms_norm_eps) @ head["lm_head"])
 
     loss, grads = nnx.jit(nnx.value_and_grad(lambda m: loss_of_logits(m(ids))))(model)
@@ -84,7 +85,7 @@ def test_training_step_gradient_equals_local_reference(checkpoint, local_manager
 def test_model_rejects_a_mismatched_swarm(checkpoint, tiny_cfg, make_swarm):
     _, manager = make_swarm([(0, 2)])  # a 4-block swarm ...
     cfg = jaxseq.LlamaConfig(**{**tiny_cfg.__dict__, "num_hidden_layers": 3, "head_dim": None})
-    other = jaxseq.checkpoint.random_checkpoint(checkpoint[0].parent / "three-blocks", cfg)
+    other = jaxseq.random_checkpoint(checkpoint[0].parent / "three-blocks", cfg)
     with pytest.raises(ValueError, match="the swarm serves 4 blocks, but .* has 3"):
         DistributedLlama(other, manager)
 
@@ -108,7 +109,10 @@ def test_demo_end_to_end(tmp_path):
     env = {**os.environ, "JAXSEQ_CACHE": str(tmp_path / "cache"), mark.split("=")[0]: mark.split("=")[1]}
     result = subprocess.run(
         [sys.executable, "-m", "jaxseq.cli", "demo", "--steps", "20", "--out", str(tmp_path / "out")],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
@@ -123,7 +127,10 @@ def test_swarm_command_lists_servers(start_servers):
     servers, prefix = start_servers([(0, 2), (2, 4)])
     result = subprocess.run(
         [sys.executable, "-m", "jaxseq.cli", "swarm", "--initial-peers", servers[0].maddr, "--dht-prefix", prefix],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 0, result.stderr
     for server in servers:
@@ -134,13 +141,38 @@ def test_swarm_command_lists_servers(start_servers):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["jaxseq.cli", "demo", "--checkpoint", "/nonexistent/llama"], "checkpoint folder '/nonexistent/llama' does not exist"),
-        (["jaxseq.cli", "swarm", "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWQ9aLNvG8q8WGY997cyw6QvhQaD8HcEBtq7NouxcybgQw",
-          "--dht-prefix", "x"], "could not join the swarm through initial peers"),
-        (["jaxseq.remote.server", "--checkpoint", "CKPT", "--blocks", "2:9", "--dht-prefix", "x", "--new-swarm"],
-         "blocks 2:9 are outside the checkpoint's num_hidden_layers=4"),
-        (["jaxseq.remote.server", "--checkpoint", "/nonexistent/llama", "--blocks", "0:1", "--dht-prefix", "x", "--new-swarm"],
-         "does not exist"),
+        (
+            ["jaxseq.cli", "demo", "--checkpoint", "/nonexistent/llama"],
+            "checkpoint folder '/nonexistent/llama' does not exist",
+        ),
+        (
+            [
+                "jaxseq.cli",
+                "swarm",
+                "--initial-peers",
+                "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWQ9aLNvG8q8WGY997cyw6QvhQaD8HcEBtq7NouxcybgQw",
+                "--dht-prefix",
+                "x",
+            ],
+            "could not join the swarm through initial peers",
+        ),
+        (
+            ["jaxseq.server.main", "--checkpoint", "CKPT", "--blocks", "2:9", "--dht-prefix", "x", "--new-swarm"],
+            "blocks 2:9 are outside the checkpoint's num_hidden_layers=4",
+        ),
+        (
+            [
+                "jaxseq.server.main",
+                "--checkpoint",
+                "/nonexistent/llama",
+                "--blocks",
+                "0:1",
+                "--dht-prefix",
+                "x",
+                "--new-swarm",
+            ],
+            "does not exist",
+        ),
     ],
 )
 def test_bad_arguments_exit_with_one_line(checkpoint, argv, message):
@@ -157,7 +189,7 @@ def test_bad_arguments_exit_with_one_line(checkpoint, argv, message):
 def test_server_shares_a_gpu_and_sets_its_matmul_precision(monkeypatch, preallocate, precision):
     """Before anything touches a device, jaxseq-server opts out of XLA's 75%-of-the-GPU preallocation
     (unless the user chose) and sets the float32 matmul precision it was given."""
-    from jaxseq.remote import server
+    from jaxseq.server import main as server
 
     if preallocate is None:
         monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
@@ -170,3 +202,29 @@ def test_server_shares_a_gpu_and_sets_its_matmul_precision(monkeypatch, prealloc
         assert jax.config.jax_default_matmul_precision == precision
     finally:
         jax.config.update("jax_default_matmul_precision", "highest")  # as conftest sets it
+
+
+@pytest.mark.network
+def test_readme_flax_in_ten_lines_runs_as_written(checkpoint, start_servers):
+    """The README's "Flax in ten lines", with only its placeholders filled in: real servers, a real checkpoint."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Flax in ten lines", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    servers, prefix = start_servers([(0, 2), (2, 4)])
+    for placeholder, value in [
+        ("/ip4/127.0.0.1/tcp/PORT/p2p/PEER", servers[0].maddr),
+        ('"my-llama"', repr(prefix)),
+        ('"path/to/llama"', repr(str(checkpoint[0]))),
+    ]:
+        assert placeholder in code, f"the README's example no longer has {placeholder}"
+        code = code.replace(placeholder, value)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    try:
+        ids = jnp.asarray(np.random.default_rng(0).integers(0, checkpoint[1].vocab_size, (2, 8)))
+        losses = [
+            float(namespace["train_step"](namespace["model"], namespace["optimizer"], ids, ids)) for _ in range(3)
+        ]
+    finally:
+        namespace["manager"].close()
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses

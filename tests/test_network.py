@@ -12,9 +12,12 @@ import jax
 import pytest
 
 import jaxseq
-from jaxseq.remote import RemoteSequenceManager, dht_records
-from conftest import assert_matches, random_inputs, training_step
-from jaxseq.remote.launch import ServerProcess
+from jaxseq import RemoteSequenceManager
+from jaxseq.remote import dht
+from jaxseq.remote.records import ServerState
+from jaxseq.testing.launch import ServerProcess
+
+from helpers import assert_matches, random_inputs, training_step
 
 pytestmark = pytest.mark.network
 FAST_RETRY = dict(min_backoff=0.2, max_backoff=1.0, request_timeout=20.0, ban_timeout=5.0)
@@ -46,7 +49,9 @@ def test_four_servers_equal_local_with_streaming(checkpoint, start_servers, loca
 
 
 @pytest.mark.parametrize("shared_memory", [True, False])
-def test_backward_sends_inputs_after_all_when_the_server_kept_none(checkpoint, start_servers, local_step, shared_memory):
+def test_backward_sends_inputs_after_all_when_the_server_kept_none(
+    checkpoint, start_servers, local_step, shared_memory
+):
     """A server whose cache is too small for any forward answers a backward without inputs with a
     cache miss; the client sends the inputs after all, and blames nobody."""
     _, cfg, _ = checkpoint
@@ -92,7 +97,9 @@ def test_replacement_joining_while_client_retries(checkpoint, start_servers, loc
         assert_matches(step(x, prompts), local_step(x, prompts))
         servers[1].kill()  # the only holder of blocks 2:4
         replacement: list[ServerProcess] = []
-        joiner = threading.Thread(target=lambda: replacement.extend(start_servers([(2, 4)], prefix, [servers[0].maddr])[0]))
+        joiner = threading.Thread(
+            target=lambda: replacement.extend(start_servers([(2, 4)], prefix, [servers[0].maddr])[0])
+        )
         joiner.start()
         try:
             assert_matches(step(x, prompts), local_step(x, prompts))
@@ -112,10 +119,11 @@ def test_only_server_for_a_block_killed_gives_missing_blocks(checkpoint, start_s
         forward(x).block_until_ready()
         servers[1].kill()
         start = time.monotonic()
-        with pytest.raises(Exception, match=r"MissingBlocksError: no reachable server holds block 3"):
-            forward(x).block_until_ready()
+        with pytest.raises(jaxseq.MissingBlocksError, match=r"no reachable server holds block 3") as caught:
+            with jaxseq.swarm_errors(manager):
+                forward(x).block_until_ready()
         assert time.monotonic() - start < deadline + 2.0
-        assert isinstance(manager.last_error, jaxseq.MissingBlocksError) and manager.last_error.block == 3
+        assert caught.value.block == 3 and "MissingBlocksError" in str(caught.value.__cause__)  # JAX's error
 
 
 def test_sigterm_leaves_the_dht_and_exits_zero(checkpoint, start_servers):
@@ -126,7 +134,7 @@ def test_sigterm_leaves_the_dht_and_exits_zero(checkpoint, start_servers):
         assert leaving.terminate() == 0
         assert not leaving.group_alive()  # its DHT process and p2pd are gone too
         manager.run(manager.refresh())
-        online = {r.peer for r in manager.records if r.state == jaxseq.ServerState.ONLINE}
+        online = {r.peer for r in manager.records if r.info.state == ServerState.ONLINE}
         assert online == {staying.peer_id}  # announced OFFLINE: no need to wait for expiry
         assert all(span.peer == staying.peer_id for span in manager.make_route(0, 4))
 
@@ -150,13 +158,13 @@ def test_the_dht_process_never_finalizes_what_it_inherited(tmp_path):
     cycle.me = cycle
     del cycle
     gc.enable()
-    dht = dht_records.start_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    node = dht.start_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
-        assert dht.is_alive()
-        child = dht.pid
-        dht.run_coroutine(_collect_in_the_dht_process)
+        assert node.is_alive()
+        child = node.pid
+        node.run_coroutine(_collect_in_the_dht_process)
     finally:
-        dht.shutdown()
+        node.shutdown()
     assert not marker.exists(), f"the DHT process {child} finalized an object it inherited"
     gc.collect()
     assert finalized_here == [parent]  # the parent's collector sees it again after the fork

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import jax
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 
 import jaxseq
-from conftest import assert_matches, random_inputs, rel_err, training_step
+from jaxseq.client import chain
+
+from helpers import assert_matches, random_inputs, rel_err, training_step
 
 TOL = 1e-5
 
@@ -41,7 +44,7 @@ def test_value_and_grad_equal_local(tiny_cfg, tiny_params, make_swarm, batch, se
     swarm, manager = make_swarm([(0, 2), (2, 4), (1, 3)], config)
     x, prompts = random_inputs(tiny_cfg, batch, seq, prompt_len)
     assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
-    n_micro = len(jaxseq.sequential.micro_batches(batch, seq, max_tokens))
+    n_micro = len(chain.micro_batches(batch, seq, max_tokens))
     assert swarm.servers[0].calls == {"forward": n_micro, "backward": n_micro}
     assert swarm.servers[1].calls == {"forward": n_micro, "backward": n_micro}
     assert swarm.servers[2].calls == {"forward": 0, "backward": 0}
@@ -159,7 +162,11 @@ def test_faulty_server_is_banned_and_routed_around(tiny_cfg, tiny_params, make_s
 
     def lying_forward(x, prompts, start, end, cache_key=None):
         out = honest_forward(x, prompts, start, end, cache_key)
-        return {"nan": lambda: np.full_like(out, np.nan), "shape": lambda: out[:, :-1], "dtype": lambda: out.astype(np.float16)}[lie]()
+        return {
+            "nan": lambda: np.full_like(out, np.nan),
+            "shape": lambda: out[:, :-1],
+            "dtype": lambda: out.astype(np.float16),
+        }[lie]()
 
     liar.backend.forward = lying_forward
     x, prompts = random_inputs(tiny_cfg, 2, 5, 1)
@@ -183,11 +190,13 @@ def test_block_without_live_server_ends_within_deadline(tiny_cfg, make_swarm):
     deadline = 1.0
     config = jaxseq.ClientConfig(max_retries=10_000, deadline=deadline, min_backoff=0.05, max_backoff=0.2)
     swarm, manager = make_swarm([(0, 3), (3, 4)], config)
-    swarm.servers[1].kill()
     x, _ = random_inputs(tiny_cfg, 1, 4, 0)
+    forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
+    forward(x).block_until_ready()  # compiled, on the client and the servers: what follows is the deadline alone
+    swarm.servers[1].kill()
     start = time.monotonic()
     with pytest.raises(Exception, match=r"MissingBlocksError: no reachable server holds block 3"):
-        jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))(x).block_until_ready()
+        forward(x).block_until_ready()
     assert time.monotonic() - start < deadline + 0.5
     assert isinstance(manager.last_error, jaxseq.MissingBlocksError) and manager.last_error.block == 3
 
@@ -280,3 +289,36 @@ def test_backward_recomputes_when_saved_state_was_dropped(tiny_cfg, tiny_params,
     _, want = _reference(tiny_cfg, tiny_params, x, prompts)
     assert rel_err(got[0], want[0]) < TOL and rel_err(got[1], want[1]) < TOL
     assert swarm.servers[0].calls["forward"] == 4  # 3 forwards + 1 recomputed for the dropped state
+
+
+def test_retries_and_bans_are_logged(tiny_cfg, make_swarm, caplog):
+    swarm, manager = make_swarm([(0, 2), (2, 4)])
+    swarm.servers[1].fail_next(1, "forward")
+    x, _ = random_inputs(tiny_cfg, 1, 4, 0)
+    with caplog.at_level(logging.WARNING, logger="jaxseq"):
+        jax.block_until_ready(jaxseq.remote_sequential(x, None, manager))
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("jaxseq.")]
+    assert any(m.startswith("banning server local-1 for 15 s: forward of blocks 2:4 failed") for m in messages), (
+        messages
+    )
+    retry = "forward of blocks 2:4 failed at block 2 (attempt 1 of 9): server local-1: injected forward failure"
+    assert any(m.startswith(retry) and "retrying in 0.01 s" in m for m in messages), messages
+
+
+def test_swarm_errors_gives_the_typed_error_out_of_jit(tiny_cfg, make_swarm):
+    swarm, manager = make_swarm([(0, 4)], jaxseq.ClientConfig(max_retries=1, min_backoff=0.01))
+    x, _ = random_inputs(tiny_cfg, 1, 4, 0)
+    forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
+    swarm.servers[0].kill()
+    with pytest.raises(jaxseq.MissingBlocksError) as missing:
+        with jaxseq.swarm_errors(manager):
+            forward(x).block_until_ready()
+    assert missing.value.block == 0 and "MissingBlocksError" in str(missing.value.__cause__)
+    assert not isinstance(missing.value.__cause__, jaxseq.SwarmError)  # chained to JAX's own error
+    with pytest.raises(ValueError, match="hidden states sent to the swarm have non-finite values") as nan:
+        with jaxseq.swarm_errors(manager):
+            forward(x.at[0, 0, 0].set(jnp.nan)).block_until_ready()
+    assert nan.value.__cause__ is not None  # the client's ValueError, not JAX's
+    with pytest.raises(KeyError):  # anything else passes unchanged, even right after a swarm failure
+        with jaxseq.swarm_errors(manager):
+            raise KeyError("not the swarm's")

@@ -7,14 +7,17 @@ import gc
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-import jax
 import jaxseq
-from jaxseq.remote import RemoteSequenceManager, shm
+from jaxseq import RemoteSequenceManager
+from jaxseq.client.shm import SegmentPool
 from jaxseq.remote.protocol import ProtocolError
-from conftest import rel_err
+from jaxseq.server.shm import ServerMappings, write
+
+from helpers import rel_err
 
 
 def _open_segments() -> int:
@@ -25,7 +28,7 @@ def _open_segments() -> int:
 
 @pytest.fixture
 def pool():
-    pool = shm.SegmentPool(max_idle=2)
+    pool = SegmentPool(max_idle=2)
     yield pool
     pool.close()
 
@@ -34,10 +37,10 @@ def test_round_trip_in_place_and_segments_are_reused(pool):
     rng = np.random.default_rng(0)
     x, prompts = rng.standard_normal((2, 3, 8)).astype(np.float32), rng.standard_normal((1, 2, 1, 8)).astype(np.float32)
     exchange = pool.exchange([x, prompts], [((2, 3, 8), np.float32)])
-    (got_x, got_prompts), (place,) = shm.ServerMappings().arrays(copy.deepcopy(exchange.spec))
+    (got_x, got_prompts), (place,) = ServerMappings().arrays(copy.deepcopy(exchange.spec))
     np.testing.assert_array_equal(got_x, x)
     np.testing.assert_array_equal(got_prompts, prompts)
-    shm.write([place], [2 * got_x])
+    write([place], [2 * got_x])
     (result,) = exchange.results()
     np.testing.assert_array_equal(result, 2 * x)
     assert not result.flags.writeable
@@ -62,12 +65,12 @@ def test_pool_bounds_idle_segments_and_closes_them(pool):
 
 def test_a_discarded_exchange_can_still_be_written_by_the_server(pool):
     exchange = pool.exchange([np.ones((2, 2), np.float32)], [((2, 2), np.float32)])
-    mappings = shm.ServerMappings()
+    mappings = ServerMappings()
     _, (place,) = mappings.arrays(exchange.spec)  # mapped before the client gave up
     exchange.discard()
-    shm.write([place], [np.zeros((2, 2), np.float32)])  # the mapping outlives the client's file descriptor
+    write([place], [np.zeros((2, 2), np.float32)])  # the mapping outlives the client's file descriptor
     with pytest.raises(ProtocolError, match="can't be opened|not the file"):
-        shm.ServerMappings().arrays(exchange.spec)
+        ServerMappings().arrays(exchange.spec)
 
 
 def test_segments_cannot_be_shrunk_under_a_server(pool):
@@ -117,7 +120,7 @@ def test_servers_reject_bad_specs(pool, change, message):
     change(spec)
     try:
         with pytest.raises(ProtocolError, match=message):
-            shm.ServerMappings().arrays(spec)
+            ServerMappings().arrays(spec)
     finally:
         exchange.discard()
 
@@ -129,7 +132,7 @@ def test_servers_reject_files_that_could_shrink(pool):
         os.ftruncate(fd, 1 << 16)
         spec = {**exchange.spec, "segments": [[fd, os.fstat(fd).st_ino, 1 << 16]] * 2}
         with pytest.raises(ProtocolError, match="not sealed against resizing"):
-            shm.ServerMappings().arrays(spec)
+            ServerMappings().arrays(spec)
     finally:
         os.close(fd)
         exchange.discard()
@@ -139,19 +142,19 @@ def test_servers_reject_segments_of_another_process(pool):
     exchange = pool.exchange([np.ones((2, 2), np.float32)], [((2, 2), np.float32)])
     spec = {**exchange.spec, "pid": os.getppid()}
     with pytest.raises(ProtocolError, match="can't be opened|not the file"):
-        shm.ServerMappings().arrays(spec)
+        ServerMappings().arrays(spec)
     exchange.discard()
 
 
 def test_servers_limit_input_bytes_and_result_shapes(pool):
     exchange = pool.exchange([np.ones((64, 64), np.float32)], [((2, 2), np.float32)])
     with pytest.raises(ProtocolError, match="exceed this server's limit of 1000 bytes"):
-        shm.ServerMappings(max_bytes=1000).arrays(exchange.spec)
-    _, places = shm.ServerMappings().arrays(exchange.spec)
+        ServerMappings(max_bytes=1000).arrays(exchange.spec)
+    _, places = ServerMappings().arrays(exchange.spec)
     with pytest.raises(ProtocolError, match="for shape \\[2, 2\\], the result is \\[3, 3\\]"):
-        shm.write(places, [np.zeros((3, 3), np.float32)])
+        write(places, [np.zeros((3, 3), np.float32)])
     with pytest.raises(ProtocolError, match="room for 1 results, there are 2"):
-        shm.write(places, [np.zeros((2, 2), np.float32)] * 2)
+        write(places, [np.zeros((2, 2), np.float32)] * 2)
     exchange.discard()
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import jaxseq
-from jaxseq.verification import agree, tolerance
-from conftest import matches, random_inputs, training_step
+from jaxseq.client.verification import agree, tolerance
 
+from helpers import matches, random_inputs, training_step
 
 
 def _make_noisy(server, scale=1e-3):

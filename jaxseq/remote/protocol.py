@@ -1,4 +1,4 @@
-"""Petals 2.2's wire format and DHT record schema, and nothing else: no routing, no I/O.
+"""Petals 2.2's wire format, and nothing else: no routing, no I/O. Both sides speak it.
 
 Requests are hivemind ``runtime_pb2.ExpertRequest`` messages whose ``uid`` is the span's block uids
 (``{dht_prefix}.{i}``) joined by a space, whose tensors are hivemind-serialized (forward: hidden
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import warnings
-from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -23,7 +25,8 @@ from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, MAX_U
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 
-from jaxseq.routing import ServerRecord, ServerState
+from jaxseq.arrays import DTYPES, dtype_name, is_floating
+from jaxseq.remote.compression import COMPRESSIONS as COMPRESSION_NAMES
 
 HANDLER = "TransformerConnectionHandler"
 RPC_INFO = f"{HANDLER}.rpc_info"
@@ -33,29 +36,45 @@ RPC_BACKWARD = f"{HANDLER}.rpc_backward"
 RPC_BACKWARD_STREAM = f"{HANDLER}.rpc_backward_stream"
 
 CHAIN_DELIMITER = " "
-MODELS_KEY = "_petals.models"
 # Request metadata key naming a forward whose activations a jaxseq server may keep for the backward
 # that follows with the same id; Petals servers ignore unknown keys, Petals clients never send it.
 CACHE_ID_KEY = "jaxseq_cache_id"
 # A backward naming its forward's cache id with this key set sends only the grad outputs: its inputs
-# are the cached forward's. Only to servers that announce CACHED_BACKWARD_KEY; a server that kept no
-# such forward answers with an error containing CACHE_MISS, and the client sends the inputs after all.
+# are the cached forward's. Only to servers that announce ``ServerInfo.cached_backward``; a server that
+# kept no such forward answers with a ``ErrorKind.CACHE_MISS`` error, and the client sends the inputs.
 INPUTS_CACHED_KEY = "jaxseq_inputs_cached"
-CACHED_BACKWARD_KEY = "jaxseq_cached_backward"
-CACHE_MISS = "jaxseq cache miss"
 STREAM_THRESHOLD = MAX_UNARY_PAYLOAD_SIZE // 2
 
-COMPRESSIONS = {
-    "none": runtime_pb2.CompressionType.NONE,
-    "float16": runtime_pb2.CompressionType.FLOAT16,
-    "meanstd16": runtime_pb2.CompressionType.MEANSTD_16BIT,
-    "uniform8bit": runtime_pb2.CompressionType.UNIFORM_8BIT,
-    "quantile8bit": runtime_pb2.CompressionType.QUANTILE_8BIT,
-}
+# jaxseq's compression names -> hivemind's codes
+COMPRESSIONS = {name: runtime_pb2.CompressionType.Value(code) for name, code in COMPRESSION_NAMES.items()}
+
+
+class ErrorKind(enum.Enum):
+    """Error replies a jaxseq client acts on, other than by retrying elsewhere. The server starts the
+    error's text with the kind's value; ``error_kind`` finds it in the text hivemind delivers."""
+
+    CACHE_MISS = "jaxseq cache miss"  # a backward named a forward the server did not keep: send the inputs
+    SHARED_MEMORY = "jaxseq shared memory refused"  # the server can't use the client's memory files: use the wire
 
 
 class ProtocolError(ValueError):
-    """A message does not follow the protocol; the text says how."""
+    """A message does not follow the protocol, or (with ``kind``) a request the server can't serve as
+    sent; the text says why."""
+
+    def __init__(self, message: str, kind: ErrorKind | None = None):
+        self.kind = kind
+        super().__init__(f"{kind.value}: {message}" if kind else message)
+
+
+def error_kind(text: str) -> ErrorKind | None:
+    """The kind of an error reply's text, or None for any other error: the one place where a reply's
+    text is read for its meaning.
+
+    Example:
+        >>> error_kind(str(ProtocolError("no forward kept", ErrorKind.CACHE_MISS)))
+        <ErrorKind.CACHE_MISS: 'jaxseq cache miss'>
+    """
+    return next((kind for kind in ErrorKind if kind.value in text), None)
 
 
 # --- block uids -------------------------------------------------------------------------------
@@ -87,14 +106,6 @@ def parse_span_uids(uids: str, dht_prefix: str) -> tuple[int, int]:
 # Uncompressed tensors are written and read here, straight from and into numpy's buffers, in
 # hivemind's exact format (raw little-endian bytes; bfloat16 as hivemind sends it); hivemind's
 # torch round trip made about ten copies of every tensor. Compressed ones go through hivemind.
-_RAW_DTYPES = {
-    name: np.dtype(dtype)
-    for name, dtype in [
-        ("float32", np.float32), ("float16", np.float16), ("float64", np.float64), ("bfloat16", ml_dtypes.bfloat16),
-        ("int64", np.int64), ("int32", np.int32), ("int16", np.int16), ("int8", np.int8), ("uint8", np.uint8),
-        ("bool", np.bool_),
-    ]
-}  # fmt: skip
 _DUMMY = np.empty(0, np.float32)  # Petals' dummy tensor: torch.empty(0)
 
 
@@ -122,29 +133,25 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def is_float(array: np.ndarray) -> bool:
-    return np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16
-
-
-def _encode(array: Optional[np.ndarray], compression: str) -> tuple[dict, Any]:
+def _encode(array: np.ndarray | None, compression: str) -> tuple[dict, Any]:
     """A tensor message's header fields, and its payload (a buffer)."""
     array = _DUMMY if array is None else np.ascontiguousarray(array)
-    if compression == "none" or not is_float(array) or array.size == 0:  # hivemind can't compress empty tensors
-        name = "bfloat16" if array.dtype == ml_dtypes.bfloat16 else array.dtype.name
-        if name not in _RAW_DTYPES:
-            raise ValueError(f"can't send arrays of dtype {array.dtype}; use one of {sorted(_RAW_DTYPES)}")
+    if compression == "none" or not is_floating(array.dtype) or array.size == 0:  # hivemind can't compress empty
+        name = dtype_name(array.dtype)
         if name == "bfloat16":  # as hivemind sends it: widened to float32 by default (older peers expect that)
             data = array.astype(np.float32) if USE_LEGACY_BFLOAT16 else array.view(np.uint16)
         else:
             data = array
         header = dict(compression=COMPRESSIONS["none"], size=array.shape, dtype=name, requires_grad=False)
-        return header, memoryview(data.reshape(-1)).cast("B")
+        return header, data.reshape(-1).data.cast("B")
     tensor = serialize_torch_tensor(_to_torch(array), COMPRESSIONS[compression])
-    header = dict(compression=tensor.compression, size=tensor.size, dtype=tensor.dtype, requires_grad=tensor.requires_grad)
+    header = dict(
+        compression=tensor.compression, size=tensor.size, dtype=tensor.dtype, requires_grad=tensor.requires_grad
+    )
     return header, tensor.buffer
 
 
-def tensor_parts(array: Optional[np.ndarray], compression: str = "none", chunk_bytes: Optional[int] = None) -> list[dict]:
+def tensor_parts(array: np.ndarray | None, compression: str = "none", chunk_bytes: int | None = None) -> list[dict]:
     """The fields of an array's tensor message (``None``: Petals' dummy tensor), or, with ``chunk_bytes``,
     of its streamed parts as hivemind's ``split_for_streaming`` makes them. Add each to a message
     with ``message.tensors.add(**fields)``: building messages from ``Tensor`` objects copies slowly."""
@@ -156,7 +163,7 @@ def tensor_parts(array: Optional[np.ndarray], compression: str = "none", chunk_b
     return [first] + [dict(buffer=bytes(payload[start : start + chunk_bytes])) for start in starts[1:]]
 
 
-def serialize(array: Optional[np.ndarray], compression: str = "none") -> runtime_pb2.Tensor:
+def serialize(array: np.ndarray | None, compression: str = "none") -> runtime_pb2.Tensor:
     """A hivemind tensor message; ``None`` becomes Petals' dummy tensor (empty, float32)."""
     (fields,) = tensor_parts(array, compression)
     return runtime_pb2.Tensor(**fields)
@@ -164,10 +171,14 @@ def serialize(array: Optional[np.ndarray], compression: str = "none") -> runtime
 
 def _decode(header: runtime_pb2.Tensor, buffer: bytes) -> np.ndarray:
     shape = tuple(header.size)
-    dtype = _RAW_DTYPES.get(header.dtype)
+    dtype = DTYPES.get(header.dtype)
     if header.compression != COMPRESSIONS["none"] or dtype is None:
         message = runtime_pb2.Tensor(
-            compression=header.compression, buffer=buffer, size=shape, dtype=header.dtype, requires_grad=header.requires_grad
+            compression=header.compression,
+            buffer=buffer,
+            size=shape,
+            dtype=header.dtype,
+            requires_grad=header.requires_grad,
         )
         with _read_only_arrays_as_tensors():
             return _to_numpy(deserialize_torch_tensor(message).detach())
@@ -185,7 +196,9 @@ def _deserialize_parts(parts: Sequence[runtime_pb2.Tensor]) -> np.ndarray:
         buffer = header.buffer if len(parts) == 1 else b"".join(part.buffer for part in parts)
         return _decode(header, buffer)
     except Exception as error:  # hivemind raises whatever torch or numpy raise on bad buffers
-        raise ProtocolError(f"malformed tensor (dtype {header.dtype!r}, size {list(header.size)[:8]}): {error}") from None
+        raise ProtocolError(
+            f"malformed tensor (dtype {header.dtype!r}, size {list(header.size)[:8]}): {error}"
+        ) from None
 
 
 def deserialize(message: runtime_pb2.Tensor) -> np.ndarray:
@@ -197,7 +210,7 @@ def is_dummy(array: np.ndarray) -> bool:
     return array.size == 0
 
 
-def raw_bytes(arrays: Iterable[Optional[np.ndarray]]) -> int:
+def raw_bytes(arrays: Iterable[np.ndarray | None]) -> int:
     return sum(a.nbytes for a in arrays if a is not None)
 
 
@@ -218,13 +231,13 @@ def decode_metadata(raw: bytes) -> dict:
     return metadata
 
 
-def cache_id(metadata: Mapping[str, Any]) -> Optional[str]:
+def cache_id(metadata: Mapping[str, Any]) -> str | None:
     """The request's cache id, if it sent a well-formed one (a string of at most 128 characters)."""
     value = metadata.get(CACHE_ID_KEY)
     return value if isinstance(value, str) and 0 < len(value) <= 128 else None
 
 
-def _messages(message_type, arrays: Sequence[Optional[np.ndarray]], compression: str, stream: bool, **fields) -> list:
+def _messages(message_type, arrays: Sequence[np.ndarray | None], compression: str, stream: bool, **fields) -> list:
     """``message_type`` messages carrying ``arrays``: one, or (``stream``) one per part of at most
     hivemind's message size; each also gets ``fields``."""
     parts = [p for a in arrays for p in tensor_parts(a, compression, DEFAULT_MAX_MSG_SIZE if stream else None)]
@@ -238,7 +251,7 @@ def _messages(message_type, arrays: Sequence[Optional[np.ndarray]], compression:
 
 
 def make_requests(
-    uids: str, arrays: Sequence[Optional[np.ndarray]], metadata: Mapping[str, Any], compression: str = "none"
+    uids: str, arrays: Sequence[np.ndarray | None], metadata: Mapping[str, Any], compression: str = "none"
 ) -> tuple[list[runtime_pb2.ExpertRequest], bool]:
     """The messages of one call, and whether they must be streamed (too large for one unary message)."""
     streamed = raw_bytes(arrays) > STREAM_THRESHOLD
@@ -260,7 +273,9 @@ def reply_timing(raw: bytes) -> dict:
         metadata = decode_metadata(raw)
     except ProtocolError:
         return {}
-    return {k: float(v) for k, v in metadata.items() if k in ("compute_s", "wait_s", "io_s") and isinstance(v, (int, float))}
+    return {
+        k: float(v) for k, v in metadata.items() if k in ("compute_s", "wait_s", "io_s") and isinstance(v, (int, float))
+    }
 
 
 def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[np.ndarray]:
@@ -297,61 +312,8 @@ async def read_stream(requests: AsyncIterator[runtime_pb2.ExpertRequest], max_by
             parts.append(part)
     if uids is None:
         raise ProtocolError("empty request stream")
-    return Request(uids, combine_parts(parts), decode_metadata(raw_metadata))
+    return Request(uids, combine_parts(parts), decode_metadata(raw_metadata or b""))
 
 
 def read_unary(request: runtime_pb2.ExpertRequest) -> Request:
     return Request(request.uid, [deserialize(t) for t in request.tensors], decode_metadata(request.metadata))
-
-
-# --- DHT records ------------------------------------------------------------------------------
-def server_info_value(
-    state: ServerState, throughput: float, *, start: int, end: int, version: str, dtype: str, **extra: Any
-) -> tuple:
-    """Petals' ``ServerInfo.to_tuple()``: ``(state, throughput, extra)``."""
-    info = dict(
-        start_block=start,
-        end_block=end,
-        public_name=None,
-        version=version,
-        network_rps=None,
-        forward_rps=float(throughput),
-        inference_rps=None,
-        adapters=(),
-        torch_dtype=dtype,
-        quant_type="none",
-        using_relay=False,
-        cache_tokens_left=0,
-        next_pings=None,
-    )
-    info.update(extra)
-    return (int(state), float(throughput), info)
-
-
-def parse_block_records(found: Mapping[int, Any]) -> list[ServerRecord]:
-    """Turn DHT lookups of each block (``{block: {peer_id: value}}``) into one record per server span.
-
-    A server's span is the longest run of consecutive blocks it announces; entries that don't
-    parse as Petals' ``ServerInfo`` tuple are ignored, so records from other versions never break us.
-    """
-    by_peer: dict[str, dict[int, tuple]] = {}
-    for block, entries in found.items():
-        for peer, value in (entries or {}).items():
-            if not isinstance(peer, str) or not isinstance(value, (tuple, list)) or len(value) < 2:
-                continue
-            state, throughput = value[0], value[1]
-            if not isinstance(state, int) or not isinstance(throughput, (int, float)) or state not in (0, 1, 2):
-                continue
-            extra = value[2] if len(value) > 2 and isinstance(value[2], dict) else {}
-            by_peer.setdefault(peer, {})[block] = (ServerState(state), float(throughput), extra)
-    records = []
-    for peer, blocks in by_peer.items():
-        indices = sorted(blocks)
-        run_start = indices[0]
-        for prev, cur in zip(indices, indices[1:] + [None]):
-            if cur != prev + 1:
-                state, throughput, extra = blocks[run_start]
-                version = extra.get("version") if isinstance(extra.get("version"), str) else ""
-                records.append(ServerRecord(peer, run_start, prev + 1, throughput, state, version, extra))
-                run_start = cur
-    return records

@@ -24,8 +24,6 @@ import os
 import re
 import signal
 import subprocess
-
-import pytest
 import sys
 import tempfile
 import time
@@ -92,16 +90,6 @@ def find_petals_python(timeout: float = 1800.0) -> tuple[str | None, str]:
     if not lines or not Path(lines[-1]).is_file():
         raise PetalsError(f"{VENV_SCRIPT} printed no interpreter path; stdout: {proc.stdout!r}")
     return lines[-1], ""
-
-
-@pytest.fixture(scope="session")
-def petals_py() -> str:
-    """The Petals venv's python, built (or reused) once per session. Without the package index the tests
-    that use it skip, with the reason; any other failure to build it fails them."""
-    python, reason = find_petals_python()
-    if python is None:
-        pytest.skip(reason)
-    return python
 
 
 def petals_python() -> str:
@@ -181,18 +169,10 @@ def write_tiny_checkpoint_with_petals_venv(
     """
     path = Path(path)
     spec = dict(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads or heads,
-        intermediate_size=intermediate,
-        vocab_size=vocab,
-        initializer_range=init_std,
-        rms_norm_eps=rms_norm_eps,
-        rope_theta=rope_theta,
-        max_position_embeddings=max_position_embeddings,
-        seed=seed,
-    )
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+        intermediate_size=intermediate, vocab_size=vocab, initializer_range=init_std, rms_norm_eps=rms_norm_eps,
+        rope_theta=rope_theta, max_position_embeddings=max_position_embeddings, seed=seed,
+    )  # fmt: skip
     run_in_petals_venv(python, _WRITE_CHECKPOINT, json.dumps(spec), str(path))
     if not (path / "model.safetensors").is_file():
         raise PetalsError(f"no model.safetensors written in {path}")
@@ -286,14 +266,23 @@ def petals_server(
     log_file = tempfile.NamedTemporaryFile("w+b", prefix="petals-server-", suffix=".log", dir=log_dir, delete=False)
     log_path = Path(log_file.name)
     cmd = [
-        python, "-m", "petals.cli.run_server", str(checkpoint),
-        "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
-        "--block_indices", block_indices,
-        "--torch_dtype", "float32",
-        "--device", "cpu",
-        "--throughput", "1.0",  # given, or the server runs an internet speed test
-        "--dht_prefix", dht_prefix,
-    ]  # fmt: skip
+        python,
+        "-m",
+        "petals.cli.run_server",
+        str(checkpoint),
+        "--host_maddrs",
+        "/ip4/127.0.0.1/tcp/0",
+        "--block_indices",
+        block_indices,
+        "--torch_dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--throughput",
+        "1.0",  # given, or the server runs an internet speed test
+        "--dht_prefix",
+        dht_prefix,
+    ]
     cmd += ["--initial_peers", *initial_peers] if initial_peers else ["--new_swarm"]
     cmd += list(extra_args)
 
@@ -414,9 +403,16 @@ def petals_client_fwd_bwd(
     Works against any server that speaks Petals 2.2's protocol (a Petals or a jaxseq server).
     """
     stdout = run_in_petals_venv(
-        python, _CLIENT_FWD_BWD, str(checkpoint), json.dumps(list(initial_peers)), dht_prefix,
-        str(batch), str(seq), str(seed), timeout=timeout,
-    )  # fmt: skip
+        python,
+        _CLIENT_FWD_BWD,
+        str(checkpoint),
+        json.dumps(list(initial_peers)),
+        dht_prefix,
+        str(batch),
+        str(seq),
+        str(seed),
+        timeout=timeout,
+    )
     results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if not results:
         raise PetalsError(f"Petals client printed no RESULT line:\n{_tail(stdout)}")

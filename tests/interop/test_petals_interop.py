@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import jax
 import pytest
-from petals_helpers import petals_client_fwd_bwd, petals_py, petals_server, write_tiny_checkpoint_with_petals_venv  # noqa: F401 (petals_py: a fixture)
 
 import jaxseq
-from conftest import assert_matches, random_inputs, rel_err, training_step
-from jaxseq.remote import RemoteSequenceManager
-from jaxseq.remote.launch import ServerProcess
+from jaxseq import RemoteSequenceManager
+from jaxseq.testing.launch import ServerProcess
+
+from helpers import assert_matches, random_inputs, rel_err, training_step
+from petals_helpers import petals_client_fwd_bwd, petals_server, write_tiny_checkpoint_with_petals_venv
 
 pytestmark = [pytest.mark.petals, pytest.mark.network]
 TOL = 1e-5
@@ -26,8 +27,8 @@ def petals_checkpoint(petals_py, tmp_path_factory):
     8-block gradients well-conditioned enough for that rounding to stay under 1e-5.
     """
     path = write_tiny_checkpoint_with_petals_venv(
-        petals_py, tmp_path_factory.mktemp("petals") / "llama", hidden=64, layers=8, heads=4, kv_heads=2,
-        intermediate=128, vocab=100, init_std=0.1,
+        petals_py, tmp_path_factory.mktemp("petals") / "llama",
+        hidden=64, layers=8, heads=4, kv_heads=2, intermediate=128, vocab=100, init_std=0.1,
     )  # fmt: skip
     cfg, params = jaxseq.load_checkpoint(path)
     x = jax.random.normal(jax.random.key(0), (1, 8, cfg.hidden_size))
@@ -52,9 +53,12 @@ def jaxseq_servers():
 def test_jaxseq_client_through_petals_servers(petals_py, petals_checkpoint, tmp_path):
     path, cfg, params = petals_checkpoint
     local = training_step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
-    with petals_server(petals_py, path, block_indices="0:4", dht_prefix="interop1", log_dir=tmp_path) as first, \
-         petals_server(petals_py, path, block_indices="4:8", dht_prefix="interop1", initial_peers=[first.maddr],
-                       log_dir=tmp_path) as second:  # fmt: skip
+    with (
+        petals_server(petals_py, path, block_indices="0:4", dht_prefix="interop1", log_dir=tmp_path) as first,
+        petals_server(
+            petals_py, path, block_indices="4:8", dht_prefix="interop1", initial_peers=[first.maddr], log_dir=tmp_path
+        ) as second,
+    ):
         config = jaxseq.ClientConfig(max_tokens_in_batch=8192, **CLIENT)
         with RemoteSequenceManager([first.maddr], "interop1", config) as manager:
             assert manager.num_blocks == 8  # from the Petals servers' _petals.models record
@@ -78,7 +82,9 @@ def test_mixed_swarm_and_sigkill_of_the_petals_server(petals_py, petals_checkpoi
         with RemoteSequenceManager([petals.maddr], "interop2", config) as manager:
             step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
             assert [(s.peer, s.start, s.end) for s in manager.make_route(0, 8)] == [
-                (petals.peer_id, 0, 4), (ours.peer_id, 4, 8)]  # fmt: skip
+                (petals.peer_id, 0, 4),
+                (ours.peer_id, 4, 8),
+            ]
             x, prompts = random_inputs(cfg, 3, 10, 2)
             assert_matches(step(x, prompts), local(x, prompts))
             backup = jaxseq_servers(path, (0, 8), "interop2", [ours.maddr])

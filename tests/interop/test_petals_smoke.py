@@ -12,12 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from petals_helpers import (  # noqa: F401 (petals_py: a fixture)
-    petals_py,
-    petals_client_fwd_bwd,
-    petals_server,
-    write_tiny_checkpoint_with_petals_venv,
-)
+
+from petals_helpers import petals_client_fwd_bwd, petals_server, write_tiny_checkpoint_with_petals_venv
 
 pytestmark = [pytest.mark.petals, pytest.mark.network]
 
@@ -30,9 +26,9 @@ def _petals_p2pd_pids(petals_py: str) -> set[int]:
 
 
 def test_petals_server_and_client_match_local_hf(petals_py, tmp_path):
-    ckpt = write_tiny_checkpoint_with_petals_venv(
-        petals_py, tmp_path / "ckpt", hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=100,
-        init_std=0.2,  # big enough that every block changes its input a lot
+    ckpt = write_tiny_checkpoint_with_petals_venv(  # init_std big enough that every block changes its input a lot
+        petals_py, tmp_path / "ckpt",
+        hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=100, init_std=0.2,
     )  # fmt: skip
     p2pd_before = _petals_p2pd_pids(petals_py)
     with petals_server(petals_py, ckpt, block_indices="0:4", dht_prefix="smoke", log_dir=tmp_path) as server:

@@ -1,0 +1,63 @@
+"""The ``jaxseq`` command: ``jaxseq demo`` and ``jaxseq swarm``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxseq", description="Train through a swarm of Llama block servers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="a local swarm and a prompt-tuning run through it, with a server killed halfway"
+    )
+    demo.add_argument(
+        "--checkpoint", help="a local Hugging Face Llama checkpoint (default: a small random one, built once)"
+    )
+    demo.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    demo.add_argument("--servers", type=int, default=3, help="jaxseq-server processes to start (default 3)")
+    demo.add_argument("--no-kill", action="store_true", help="don't SIGKILL a server halfway")
+    demo.add_argument("--out", help="folder for loss.png (default ./jaxseq-demo)")
+
+    swarm = commands.add_parser("swarm", help="a table of the servers of a model in a swarm")
+    swarm.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
+    swarm.add_argument("--dht-prefix", required=True, help="the model's name in the swarm")
+    swarm.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the swarm")
+    return parser
+
+
+def _swarm(args: argparse.Namespace) -> int:
+    from jaxseq.client.config import ClientConfig
+    from jaxseq.client.remote_manager import RemoteSequenceManager
+    from jaxseq.client.status import print_status, swarm_status
+
+    config = ClientConfig(request_timeout=args.timeout, connect_timeout=min(5.0, args.timeout))
+    with RemoteSequenceManager(args.initial_peers, args.dht_prefix, config) as manager:
+        rows = swarm_status(manager)
+        print_status(rows, manager.num_blocks, f"swarm {args.dht_prefix}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from jaxseq.cli.demo import run_demo
+
+            run_demo(args.checkpoint, args.steps, args.servers, not args.no_kill, args.out)
+            return 0
+        return _swarm(args)
+    except KeyboardInterrupt:
+        print("jaxseq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a CLI reports any failure as one line; the traceback is noise to its user
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"jaxseq {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m jaxseq.cli``: the ``jaxseq`` command."""
+
+import sys
+
+from jaxseq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""One call through the swarm on numpy arrays: run the chain, keep the forward's state for its
+backward. Shared by ``jaxseq.remote_sequential`` (JAX host callbacks) and ``bridges.RemoteSequential``
+(torch autograd), so both get the same micro-batching, re-routing, retries and bounded saved state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+
+from jaxseq.arrays import all_finite
+from jaxseq.client.chain import backward_batches, forward_batches
+from jaxseq.client.manager import SequenceManager
+
+
+def _run(manager: SequenceManager, coro: Coroutine) -> Any:
+    """Run ``coro`` on the manager's loop; a failure is kept in ``manager.last_error`` and re-raised."""
+    try:
+        return manager.run(coro)
+    except Exception as error:
+        manager.record_error(error)
+        raise
+
+
+def _check_finite(manager: SequenceManager, **arrays: np.ndarray) -> None:
+    """Refuse NaN or inf from the caller before any call. Servers refuse such inputs (or answer with
+    NaN), which the retry loop can't tell from a faulty server: it would ban healthy servers for it."""
+    for name, array in arrays.items():
+        if not all_finite(array):
+            error = ValueError(
+                f"{name.replace('_', ' ')} sent to the swarm have non-finite values (NaN or inf); nothing was sent. "
+                "Find where they arise with jax.config.update('jax_debug_nans', True), or lower the learning rate"
+            )
+            manager.record_error(error)
+            raise error
+
+
+def run_forward(manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, save: bool) -> tuple[np.ndarray, int]:
+    """Forward through the whole chain; returns the output and a handle for ``run_backward``.
+
+    With ``save``, the routes and span inputs are kept in ``manager.saved`` (bounded) under the
+    handle; otherwise the handle is 0 and nothing is kept.
+
+    Example:
+        >>> x, prompts = np.ones((1, 3, 32), np.float32), np.zeros((4, 1, 0, 32), np.float32)
+        >>> out, handle = run_forward(manager, x, prompts, save=True)
+        >>> grad_x, grad_prompts = run_backward(manager, x, prompts, np.ones_like(out), handle)
+        >>> out.shape, grad_x.shape, grad_prompts.shape
+        ((1, 3, 32), (1, 3, 32), (4, 1, 0, 32))
+    """
+    _check_finite(manager, hidden_states=x, prompts=prompts)
+    out, done = _run(manager, forward_batches(manager, x, prompts))
+    return out, (manager.saved.put(done) if save else 0)
+
+
+def run_backward(
+    manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, grad_out: np.ndarray, handle: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients w.r.t. ``x`` and ``prompts``, from the forward state saved under ``handle``.
+
+    The state is used once. When it is missing (handle 0, evicted, or already used by an earlier
+    backward) the forward is recomputed, so this never fails for that reason.
+    """
+    _check_finite(manager, grad_outputs=grad_out)
+    done = manager.saved.pop(handle)
+    return _run(manager, backward_batches(manager, x, prompts, grad_out, done))

@@ -1,0 +1,70 @@
+"""How a client talks to the swarm: one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxseq.remote.compression import COMPRESSIONS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """How a client talks to the swarm. Every retry loop is bounded by ``max_retries`` and ``deadline``.
+
+    Attributes:
+        max_retries: failed attempts allowed at one position of the chain before the call gives up.
+        deadline: seconds a whole forward or backward call may take, retries included.
+        min_backoff, max_backoff: exponential backoff between retries, in seconds.
+        max_tokens_in_batch: inputs are split into micro-batches of ``max(max_tokens_in_batch // seq, 1)`` rows.
+        request_timeout: seconds one RPC may take (also capped by what is left of ``deadline``).
+        connect_timeout: seconds to open a connection to a server.
+        ban_timeout: seconds a failing server is avoided by routing.
+        update_period: seconds between background refreshes of the swarm view.
+        max_saved_states: forward states kept for backward (LRU); a backward whose state
+            was dropped recomputes the forward instead of failing.
+        compression: wire compression of tensors, both ways: one of ``jaxseq.remote.compression.COMPRESSIONS``
+            ("none", "float16", "meanstd16", "uniform8bit", "quantile8bit").
+        allowed_servers: if given, only these server peer ids (base58) are ever routed to (a private swarm).
+        shared_memory: exchange tensors through shared memory files with jaxseq servers on the same machine.
+        verify_fraction: fraction of spans (forward and backward) re-run on a second server and compared;
+            on disagreement a third server decides and the outlier is banned. 0 disables it.
+
+    Example:
+        >>> cfg = ClientConfig(max_retries=3, deadline=30.0)
+    """
+
+    max_retries: int = 8
+    deadline: float = 300.0
+    min_backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_tokens_in_batch: int = 1024
+    request_timeout: float = 120.0
+    connect_timeout: float = 5.0
+    ban_timeout: float = 15.0
+    update_period: float = 30.0
+    max_saved_states: int = 16
+    compression: str = "none"
+    allowed_servers: tuple[str, ...] | None = None
+    verify_fraction: float = 0.0
+    shared_memory: bool = True
+
+    def __post_init__(self):
+        for name in ("deadline", "request_timeout", "connect_timeout", "max_backoff", "update_period"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ClientConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.max_retries < 0 or self.min_backoff < 0 or self.ban_timeout < 0:
+            raise ValueError("ClientConfig.max_retries, min_backoff and ban_timeout must be non-negative")
+        if self.min_backoff > self.max_backoff:
+            raise ValueError(f"min_backoff={self.min_backoff} exceeds max_backoff={self.max_backoff}")
+        if self.max_tokens_in_batch < 1 or self.max_saved_states < 1:
+            raise ValueError("ClientConfig.max_tokens_in_batch and max_saved_states must be at least 1")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)}")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be within [0, 1], got {self.verify_fraction}")
+        if self.allowed_servers is not None:
+            object.__setattr__(self, "allowed_servers", tuple(self.allowed_servers))
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before retry number ``attempt`` (1-based): ``min_backoff * 2**(attempt-1)``, capped."""
+        return min(self.min_backoff * 2.0 ** max(attempt - 1, 0), self.max_backoff)

@@ -1,0 +1,280 @@
+"""The sequence manager: a client's view of the swarm (routing, bans, saved forward state) over one
+transport. ``RemoteSequenceManager`` (``remote_manager``) and ``LocalSwarm``'s manager
+(``jaxseq.testing``) differ only in the transport: ``_fetch_records``, ``_call_forward`` and
+``_call_backward``."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxseq.arrays import all_finite
+from jaxseq.client.config import ClientConfig
+from jaxseq.client.errors import FaultyResponse, ServerFailure
+from jaxseq.client.routing import Span, route
+from jaxseq.remote.records import ServerRecord, ServerState
+
+logger = logging.getLogger(__name__)
+
+
+class _BackgroundLoop:
+    """An asyncio loop in a daemon thread; host callbacks block on it from JAX's threads."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking call was made from the manager's own event loop; await it instead")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        with contextlib.suppress(Exception):  # the worker threads of asyncio.to_thread must not outlive us
+            asyncio.run_coroutine_threadsafe(self.loop.shutdown_default_executor(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class SavedStates:
+    """Forward state kept for backward, bounded (LRU by count). A state is used once: backward pops it."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._states: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def put(self, state: Any) -> int:
+        with self._lock:
+            handle = next(self._ids) % 2**31  # travels through JAX as an int32 residual
+            self._states[handle] = state
+            while len(self._states) > self.capacity:
+                self._states.popitem(last=False)
+            return handle
+
+    def pop(self, handle: int) -> Any | None:
+        with self._lock:
+            return self._states.pop(handle, None)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+class SequenceManager(abc.ABC):
+    """Routing, bans and calls to the servers that hold blocks ``0..num_blocks-1``.
+
+    Subclasses provide the transport. All ``async`` methods run on the manager's own event loop;
+    ``run`` blocks on it from other threads (JAX host callbacks, torch autograd).
+    """
+
+    def __init__(self, config: ClientConfig, *, seed: int | None = None, name: str = "jaxseq-client"):
+        self.config = config
+        self.saved = SavedStates(config.max_saved_states)
+        self.last_error: BaseException | None = None
+        self.retries = 0
+        self._records: list[ServerRecord] = []
+        self._banned: dict[str, float] = {}
+        self._latency: dict[str, float] = {}
+        self._rng = random.Random(seed)
+        self.verified_spans = self.unverified_spans = self.disagreements = 0
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._client_id = uuid.uuid4().hex[:16]
+        self._cache_ids = itertools.count()
+        self._refresh_task: asyncio.Task | None = None
+        self._last_refresh = -float("inf")
+        self._background = _BackgroundLoop(name)
+
+    # --- the transport -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def num_blocks(self) -> int:
+        """Number of blocks in the chain this manager serves."""
+
+    @property
+    def hidden_size(self) -> int | None:
+        """Hidden size the servers expect, when known before a call."""
+        return None
+
+    @abc.abstractmethod
+    async def _fetch_records(self) -> list[ServerRecord]:
+        """A fresh view of the swarm."""
+
+    @abc.abstractmethod
+    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
+        """One forward RPC; raises ``ServerFailure`` on any failure of the server or the wire.
+
+        ``cache_id`` names this forward so that the server may keep its activations for the
+        backward that follows with the same id (servers that don't, recompute).
+        """
+
+    @abc.abstractmethod
+    async def _call_backward(
+        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, cache_id: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One backward RPC; returns grad inputs and (if ``prompt_len > 0``) grad prompts."""
+
+    # --- running -------------------------------------------------------------------------------
+    def run(self, coro: Coroutine) -> Any:
+        """Run a coroutine on the manager's loop and wait for it (from any other thread)."""
+        return self._background.run(coro)
+
+    def close(self) -> None:
+        """Stop the manager's event loop. Idempotent."""
+        self._background.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- routing -------------------------------------------------------------------------------
+    async def refresh(self, min_interval: float = 0.0) -> None:
+        """Fetch a fresh view of the swarm, sharing one fetch among concurrent callers."""
+        if time.monotonic() - self._last_refresh < min_interval:
+            return
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = asyncio.ensure_future(self._refresh_now())
+        await asyncio.shield(self._refresh_task)
+
+    async def _refresh_now(self) -> None:
+        records = await self._fetch_records()
+        if self.config.allowed_servers is not None:
+            allowed = set(self.config.allowed_servers)
+            records = [r for r in records if r.peer in allowed]
+        self._records = records
+        self._last_refresh = time.monotonic()
+
+    def make_route(self, start: int, end: int) -> list[Span]:
+        """Spans covering blocks ``start..end-1`` from the current view (raises ``MissingBlocksError``)."""
+        return route(self._records, start, end, banned=self._active_bans(), latency=self._latency, rng=self._rng)
+
+    def _active_bans(self) -> dict[str, float]:
+        """Bans younger than ``ban_timeout`` (peer -> time of the ban); older ones are forgotten."""
+        now = time.monotonic()
+        self._banned = {p: t for p, t in self._banned.items() if now - t < self.config.ban_timeout}
+        return self._banned
+
+    def alternatives(self, span: Span) -> list[str]:
+        """Other online, unbanned servers holding all of ``span``, fastest first (for cross-checks)."""
+        banned = self._active_bans()
+        holders = [
+            r
+            for r in self._records
+            if r.info.state == ServerState.ONLINE
+            and r.start <= span.start
+            and span.end <= r.end
+            and r.peer != span.peer
+            and r.peer not in banned
+        ]
+        return [r.peer for r in sorted(holders, key=lambda r: -r.info.throughput)]
+
+    def should_verify(self) -> bool:
+        """Whether to cross-check the span just computed (a ``config.verify_fraction`` sample)."""
+        return self.config.verify_fraction > 0 and self._rng.random() < self.config.verify_fraction
+
+    def ban(self, peer: str, reason: str) -> None:
+        """Avoid ``peer`` for ``config.ban_timeout`` seconds, because of ``reason`` (logged)."""
+        logger.warning("banning server %s for %.0f s: %s", peer, self.config.ban_timeout, reason)
+        self._banned[peer] = time.monotonic()
+
+    @property
+    def records(self) -> list[ServerRecord]:
+        """The servers in the current view of the swarm."""
+        return list(self._records)
+
+    async def wait_before_retry(self, attempt: int, deadline: float) -> None:
+        """Back off, refreshing the swarm view meanwhile; never past ``deadline`` (monotonic)."""
+        self.retries += 1
+        delay = min(self.config.backoff(attempt), max(deadline - time.monotonic(), 0.0))
+        refresh = asyncio.ensure_future(self.refresh(min_interval=0.5))
+        await asyncio.sleep(delay)
+        try:
+            await asyncio.wait_for(asyncio.shield(refresh), timeout=max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            logger.info("refreshing the swarm view did not finish before the call's deadline; keeping the old view")
+        except Exception as error:  # a failed refresh keeps the old view; the next retry tries again
+            logger.warning(
+                "refreshing the swarm view failed, keeping the old view: %s: %s", type(error).__name__, error
+            )
+
+    # --- calls with validation -----------------------------------------------------------------
+    def new_cache_id(self) -> str:
+        """A fresh id for one span's forward, unique across clients."""
+        return f"{self._client_id}-{next(self._cache_ids)}"
+
+    async def forward(
+        self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float, cache_id: str = ""
+    ) -> np.ndarray:
+        """Forward through one span; raises ``ServerFailure`` (``FaultyResponse`` for bad answers)."""
+        with self._counted(span):
+            out = await self._guarded(self._call_forward(span, x, prompts, cache_id), span, timeout)
+            _check_tensor(span, "output", out, x.shape, x.dtype)
+        return out
+
+    async def backward(
+        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, timeout: float, cache_id: str = ""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Backward through one span; validates both gradients like ``forward`` validates outputs."""
+        with self._counted(span):
+            grad_x, grad_prompts = await self._guarded(
+                self._call_backward(span, x, grad_out, prompts, cache_id), span, timeout
+            )
+            _check_tensor(span, "grad_inputs", grad_x, x.shape, x.dtype)
+            if prompts.shape[2] > 0:
+                _check_tensor(span, "grad_prompts", grad_prompts, prompts.shape, prompts.dtype)
+        return grad_x, grad_prompts
+
+    @contextlib.contextmanager
+    def _counted(self, span: Span):
+        """Count each call's outcome per peer in ``outcomes``: ok, faulty, error or unreachable."""
+        try:
+            yield
+        except FaultyResponse:
+            self.outcomes[span.peer, "faulty"] += 1
+            raise
+        except ServerFailure as failure:
+            self.outcomes[span.peer, "error" if failure.reachable else "unreachable"] += 1
+            raise
+        self.outcomes[span.peer, "ok"] += 1
+
+    async def _guarded(self, call: Coroutine, span: Span, timeout: float):
+        start = time.monotonic()
+        try:
+            result = await asyncio.wait_for(call, timeout=timeout)
+        except asyncio.TimeoutError:
+            raise ServerFailure(span.peer, f"no answer within {timeout:.1f} s", reachable=False) from None
+        self._latency[span.peer] = time.monotonic() - start
+        return result
+
+    def record_error(self, error: BaseException) -> None:
+        """Remember the last error, so users can get the typed exception that ``jit`` turns into text."""
+        self.last_error = error
+
+
+def _check_tensor(span: Span, what: str, value, shape: Sequence[int], dtype) -> None:
+    if not isinstance(value, np.ndarray):
+        raise FaultyResponse(span.peer, f"{what} is {type(value).__name__}, not an array")
+    if value.shape != tuple(shape):
+        raise FaultyResponse(span.peer, f"{what} has shape {value.shape}, expected {tuple(shape)}")
+    if value.dtype != dtype:
+        raise FaultyResponse(span.peer, f"{what} has dtype {value.dtype}, expected {dtype}")
+    if not all_finite(value):
+        raise FaultyResponse(span.peer, f"{what} has non-finite values")

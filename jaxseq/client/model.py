@@ -1,0 +1,94 @@
+"""``DistributedLlama``: a Flax NNX causal LM whose decoder blocks run in a swarm.
+
+The embedding, final norm and LM head are read from the checkpoint and run locally (frozen); the
+blocks run through ``remote_sequential``. Trainable prompts follow Petals' tuning modes:
+``"ptune"`` prepends ``prompt_len`` trainable embeddings, ``"deep_ptune"`` also adds a trainable
+prompt before every block (``deep_prompts``: ``[num_blocks, 1, prompt_len, hidden]``, broadcast over
+the batch). Prompt positions are dropped from the logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxseq.client.manager import SequenceManager
+from jaxseq.client.primitive import remote_sequential
+from jaxseq.models.checkpoint import PathLike, load_config, load_head
+from jaxseq.models.llama import rms_norm
+
+TUNING_MODES = (None, "ptune", "deep_ptune")
+
+
+class Frozen(nnx.Variable):
+    """Weights loaded from the checkpoint and never trained (optimizers take ``wrt=nnx.Param``)."""
+
+
+class DistributedLlama(nnx.Module):
+    """A Llama causal LM: local embedding and head, remote blocks, trainable prompts.
+
+    Example:
+        >>> model = DistributedLlama(checkpoint, manager, tuning_mode="deep_ptune", prompt_len=2)
+        >>> optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+        >>> ids = jnp.array([[1, 2, 3, 4]])
+        >>> loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(ids), ids).mean()
+        >>> loss, grads = nnx.value_and_grad(loss_fn)(model)
+        >>> _ = optimizer.update(model, grads)
+        >>> model(ids).shape
+        (1, 4, 100)
+    """
+
+    def __init__(
+        self,
+        checkpoint: PathLike,
+        manager: SequenceManager,
+        *,
+        tuning_mode: str | None = None,
+        prompt_len: int = 16,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if tuning_mode not in TUNING_MODES:
+            raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
+        cfg = load_config(checkpoint)
+        if manager.num_blocks != cfg.num_hidden_layers:
+            raise ValueError(
+                f"the swarm serves {manager.num_blocks} blocks, but {checkpoint} has {cfg.num_hidden_layers}; "
+                "use the checkpoint of the model the swarm serves"
+            )
+        if tuning_mode and prompt_len < 1:
+            raise ValueError(f"prompt_len must be at least 1 with tuning_mode={tuning_mode!r}, got {prompt_len}")
+        head = load_head(checkpoint, dtype)
+        self.config = cfg
+        self.manager = manager
+        self.tuning_mode = tuning_mode
+        self.prompt_len = prompt_len if tuning_mode else 0
+        self.embed_tokens = Frozen(head["embed_tokens"])
+        self.norm = Frozen(head["norm"])
+        self.lm_head = Frozen(head["lm_head"])
+        if tuning_mode:
+            rngs = rngs or nnx.Rngs(0)
+            self.prompt_embeddings = nnx.Param(
+                0.02 * jax.random.normal(rngs.params(), (prompt_len, cfg.hidden_size), dtype)
+            )
+        if tuning_mode == "deep_ptune":
+            self.deep_prompts = nnx.Param(jnp.zeros((cfg.num_hidden_layers, 1, prompt_len, cfg.hidden_size), dtype))
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        """Logits ``[batch, seq, vocab]`` for token ids ``[batch, seq]``."""
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be integer [batch, seq], got {input_ids.dtype} {input_ids.shape}")
+        hidden = self.embed_tokens[...][input_ids]
+        batch, hidden_size = hidden.shape[0], hidden.shape[-1]
+        prompts = None
+        if self.tuning_mode:
+            prefix = jnp.broadcast_to(self.prompt_embeddings[...], (batch, self.prompt_len, hidden_size))
+            hidden = jnp.concatenate([prefix.astype(hidden.dtype), hidden], axis=1)
+        if self.tuning_mode == "deep_ptune":
+            deep = self.deep_prompts[...]
+            prompts = jnp.broadcast_to(deep, (deep.shape[0], batch) + deep.shape[2:])
+        hidden = remote_sequential(hidden, prompts, self.manager)[:, self.prompt_len :]
+        return rms_norm(hidden, self.norm[...], self.config.rms_norm_eps) @ self.lm_head[...]

@@ -1,0 +1,399 @@
+"""``RemoteSequenceManager``: the sequence manager whose transport is a hivemind swarm.
+
+It finds servers through their Petals DHT records, keeps that view fresh in the background (and
+right after failures), and calls servers with Petals 2.2 RPCs, streaming large tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+import hivemind
+import numpy as np
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
+
+from jaxseq.client.config import ClientConfig
+from jaxseq.client.errors import CacheMissed, FaultyResponse, ServerFailure, SharedMemoryRefused
+from jaxseq.client.manager import SequenceManager
+from jaxseq.client.routing import Span
+from jaxseq.client.shm import SegmentPool
+from jaxseq.remote import dht, protocol, shm
+from jaxseq.remote.records import ServerRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallTiming:
+    """Where the time of one RPC went (``server_*`` as the server reports it; None from Petals servers)."""
+
+    stage: str
+    peer: str
+    blocks: int
+    transport: str  # "unary", "stream" (through p2pd) or "shm" (same-host shared memory)
+    serialize_s: float
+    round_trip_s: float
+    deserialize_s: float
+    server_compute_s: float | None
+    server_wait_s: float | None
+    server_io_s: float | None  # the server's parsing, checks, and moves of tensors to and from its device
+    bytes_sent: int
+    bytes_received: int
+
+
+_UNREACHABLE = (P2PDaemonError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)
+# Error replies the client acts on other than by retrying elsewhere, as typed failures.
+_FAILURES = {protocol.ErrorKind.CACHE_MISS: CacheMissed, protocol.ErrorKind.SHARED_MEMORY: SharedMemoryRefused}
+
+
+class RemoteSequenceManager(SequenceManager):
+    """Routes ``remote_sequential`` through the servers of the model ``dht_prefix`` in a hivemind swarm.
+
+    ``config.allowed_servers`` restricts routing to listed server peer ids (a private swarm);
+    ``identity_path`` (a key file, created if missing) gives this client a stable peer id that
+    servers can allow-list.
+
+    Example:
+        >>> with RemoteSequenceManager(["/ip4/127.0.0.1/tcp/31337/p2p/Qm..."], "my-llama") as manager:  # doctest: +SKIP
+        ...     y = jax.jit(lambda x: remote_sequential(x, None, manager))(x)
+    """
+
+    def __init__(
+        self,
+        initial_peers: Sequence[str],
+        dht_prefix: str,
+        config: ClientConfig = ClientConfig(),
+        *,
+        num_blocks: int | None = None,
+        host_maddrs: Iterable[str] = ("/ip4/127.0.0.1/tcp/0",),
+        identity_path: str | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__(config, seed=seed, name=f"jaxseq-client-{dht_prefix}")
+        self.dht_prefix = dht_prefix
+        self._hidden_size: int | None = None
+        self.timings: collections.deque[CallTiming] = collections.deque(maxlen=4096)
+        self._machine = shm.machine_id()
+        self._no_shared_memory: set[str] = set()
+        self._segments = SegmentPool()
+        self._p2p: P2P | None = None
+        self.dht: hivemind.DHT | None = None
+        try:
+            try:
+                identity = {"identity_path": identity_path} if identity_path else {}
+                self.dht = dht.start_dht(
+                    initial_peers=list(initial_peers), client_mode=True, host_maddrs=list(host_maddrs), **identity
+                )
+            except P2PDaemonError as error:
+                raise ConnectionError(
+                    f"could not join the swarm through initial peers {list(initial_peers)}: {error}"
+                ) from error
+            self._p2p = self.run(self.dht.replicate_p2p())
+            self._num_blocks = num_blocks or self.run(self._announced_num_blocks())
+            self.run(self.refresh())
+            self._hidden_size = self.run(self._announced_hidden_size())
+            self._updater = asyncio.run_coroutine_threadsafe(self._keep_fresh(), self._background.loop)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _announced_num_blocks(self) -> int:
+        found = await asyncio.wait_for(dht.fetch_num_blocks(self.dht, self.dht_prefix), self.config.request_timeout)
+        if found is None:
+            raise ValueError(
+                f"no model {self.dht_prefix!r} is announced in the swarm reachable from the initial peers; "
+                "check dht_prefix, or pass num_blocks= for servers that don't announce _petals.models"
+            )
+        return found
+
+    async def _announced_hidden_size(self) -> int | None:
+        """Hidden size from a server's ``rpc_info`` (its forward schema), so bad input fails before any call."""
+        for record in self._records:
+            try:
+                info = await asyncio.wait_for(
+                    self._rpc_info(record.peer, protocol.block_uid(self.dht_prefix, record.start)),
+                    self.config.connect_timeout,
+                )
+                return int(info["forward_schema"][0][0].shape[-1])
+            except (
+                asyncio.TimeoutError,
+                P2PHandlerError,
+                KeyError,
+                IndexError,
+                TypeError,
+                AttributeError,
+                ValueError,
+                *_UNREACHABLE,
+            ):
+                continue  # this server did not say; ask the next
+        return None
+
+    async def _rpc_info(self, peer: str, uid: str = "") -> dict:
+        response = await self._open_p2p.call_protobuf_handler(
+            PeerID.from_base58(peer), protocol.RPC_INFO, runtime_pb2.ExpertUID(uid=uid), runtime_pb2.ExpertInfo
+        )
+        return protocol.decode_metadata(response.serialized_info)
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def peer_id(self) -> str:
+        """This client's peer id (base58): what a server's ``--allowed-clients`` lists. Stable with
+        ``identity_path``."""
+        if self.dht is None:
+            raise RuntimeError("this RemoteSequenceManager is closed")
+        return self.dht.peer_id.to_base58()
+
+    @property
+    def hidden_size(self) -> int | None:
+        return self._hidden_size
+
+    async def _keep_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.update_period)
+            try:
+                await self.refresh()
+            except Exception as error:  # the swarm may be briefly unreachable; keep the last view, retry later
+                logger.warning(
+                    "refreshing the swarm view failed, keeping the old view: %s: %s", type(error).__name__, error
+                )
+
+    async def _fetch_records(self) -> list[ServerRecord]:
+        return await asyncio.wait_for(
+            dht.fetch_servers(self.dht, self.dht_prefix, self._num_blocks), self.config.request_timeout
+        )
+
+    def close(self) -> None:
+        """Shut the DHT and its p2pd down. Idempotent; also on ``with`` exit."""
+        if self._background.loop.is_closed():
+            return
+        if getattr(self, "_updater", None) is not None:
+            self._updater.cancel()
+        if self._p2p is not None:
+            self.run(self._p2p.shutdown())
+            self._p2p = None
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+        self._segments.close()
+        super().close()
+
+    @property
+    def _open_p2p(self) -> P2P:
+        if self._p2p is None:
+            raise RuntimeError("this RemoteSequenceManager is closed; make a new one to call the swarm")
+        return self._p2p
+
+    def server_info(self, peer: str, block: int | None = None) -> dict:
+        """A server's ``rpc_info`` reply (with ``block``, also that block's schemas)."""
+        uid = "" if block is None else protocol.block_uid(self.dht_prefix, block)
+        return self.run(asyncio.wait_for(self._rpc_info(peer, uid), self.config.request_timeout))
+
+    async def ping(self, peer: str) -> float | None:
+        """Round-trip seconds of an ``rpc_info`` call to ``peer``, or None if it does not answer in time."""
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(self._rpc_info(peer), self.config.connect_timeout)
+        except (asyncio.TimeoutError, P2PHandlerError, protocol.ProtocolError, *_UNREACHABLE):
+            return None
+        return time.perf_counter() - start
+
+    # --- the wire ------------------------------------------------------------------------------
+    def _metadata(self, cache_id: str, inputs_cached: bool) -> dict:
+        metadata = {"points": 0.0, "active_adapter": ""}
+        if cache_id:
+            metadata[protocol.CACHE_ID_KEY] = cache_id
+        if inputs_cached:
+            metadata[protocol.INPUTS_CACHED_KEY] = True
+        if self.config.compression != "none":
+            metadata["output_compression"] = (int(protocol.COMPRESSIONS[self.config.compression]),)
+        return metadata
+
+    async def _call(
+        self,
+        span: Span,
+        rpc: tuple[str, str],
+        arrays: list,
+        results: list[tuple[tuple, np.dtype]],
+        cache_id: str,
+        inputs_cached: bool = False,
+    ) -> list[np.ndarray]:
+        """One RPC: through shared memory (see ``shm``) to a jaxseq server on this machine, else over the wire.
+        ``results`` are the shapes and dtypes the reply must have (for the shared-memory segments);
+        ``inputs_cached``: a backward that sends only grad outputs (see ``protocol.INPUTS_CACHED_KEY``)."""
+        metadata = self._metadata(cache_id, inputs_cached)
+        if self.config.shared_memory and self._same_machine(span.peer):
+            try:
+                return await self._call_shared_memory(span, rpc[0], arrays, results, metadata)
+            except SharedMemoryRefused as refused:  # e.g. a server run by another user: use the wire
+                logger.info("server %s refused shared memory, sending tensors over the wire: %s", span.peer, refused)
+                self._no_shared_memory.add(span.peer)
+        return await self._call_wire(span, rpc, arrays, metadata)
+
+    def _same_machine(self, peer: str) -> bool:
+        if peer in self._no_shared_memory or self._machine is None:
+            return False
+        record = self._record(peer)
+        return record is not None and record.info.machine == self._machine
+
+    def _caches_backward(self, peer: str) -> bool:
+        record = self._record(peer)
+        return record is not None and record.info.cached_backward
+
+    def _record(self, peer: str) -> ServerRecord | None:
+        return next((r for r in self._records if r.peer == peer), None)
+
+    @contextlib.contextmanager
+    def _failures(self, span: Span):
+        """Turn what a call can raise into the client's failure types: the one place that reads an error
+        reply for its meaning (``protocol.error_kind``)."""
+        try:
+            yield
+        except P2PHandlerError as error:
+            kind = protocol.error_kind(str(error))
+            failure = _FAILURES.get(kind) if kind else None
+            if failure is not None:
+                raise failure(span.peer, f"error reply: {error}") from None
+            raise ServerFailure(span.peer, f"error reply: {error}", reachable=True) from None
+        except protocol.ProtocolError as error:
+            raise FaultyResponse(span.peer, str(error)) from None
+        except _UNREACHABLE as error:
+            raise ServerFailure(span.peer, f"unreachable: {type(error).__name__}: {error}", reachable=False) from None
+
+    async def _call_shared_memory(self, span, rpc: str, arrays: list, results, metadata: dict) -> list[np.ndarray]:
+        inputs = [a for a in arrays if a is not None]
+        t0 = time.perf_counter()
+        preparing = asyncio.ensure_future(asyncio.to_thread(self._segments.exchange, inputs, results))
+        try:
+            exchange = await asyncio.shield(preparing)
+        except asyncio.CancelledError:  # the inputs are still being written: discard the segments once they are
+            preparing.add_done_callback(_discard_when_written)
+            raise
+        try:
+            request = runtime_pb2.ExpertRequest(
+                uid=protocol.span_uids(self.dht_prefix, span.start, span.end),
+                metadata=protocol.encode_metadata({**metadata, shm.METADATA_KEY: exchange.spec}),
+            )
+            with self._failures(span):
+                t1 = time.perf_counter()
+                response = await self._open_p2p.call_protobuf_handler(
+                    PeerID.from_base58(span.peer), rpc, request, runtime_pb2.ExpertResponse
+                )
+        except BaseException:
+            exchange.discard()  # the server may still be writing into it
+            raise
+        t2 = time.perf_counter()
+        outputs = exchange.results()
+        self._record_timing(
+            span,
+            rpc,
+            "shm",
+            (t0, t1, t2, time.perf_counter()),
+            response.metadata,
+            sum(a.nbytes for a in inputs),
+            sum(a.nbytes for a in outputs),
+        )
+        return outputs
+
+    async def _call_wire(self, span: Span, rpc: tuple[str, str], arrays: list, metadata: dict) -> list[np.ndarray]:
+        uids = protocol.span_uids(self.dht_prefix, span.start, span.end)
+        t0 = time.perf_counter()
+        requests, streamed = await asyncio.to_thread(
+            protocol.make_requests, uids, arrays, metadata, self.config.compression
+        )
+        peer = PeerID.from_base58(span.peer)
+        with self._failures(span):
+            t1 = time.perf_counter()
+            if not streamed:
+                responses = [
+                    await self._open_p2p.call_protobuf_handler(peer, rpc[0], requests[0], runtime_pb2.ExpertResponse)
+                ]
+            else:
+                stream = await self._open_p2p.iterate_protobuf_handler(
+                    peer, rpc[1], as_aiter(*requests), runtime_pb2.ExpertResponse
+                )
+                responses = [response async for response in stream]
+            t2 = time.perf_counter()
+            parts = [part for response in responses for part in response.tensors]
+            outputs = await asyncio.to_thread(protocol.combine_parts, parts)
+            t3 = time.perf_counter()
+        transport = "stream" if streamed else "unary"
+        sent = sum(len(t.buffer) for r in requests for t in r.tensors)
+        reply_metadata = responses[0].metadata if responses else b""
+        self._record_timing(
+            span, rpc[0], transport, (t0, t1, t2, t3), reply_metadata, sent, sum(len(p.buffer) for p in parts)
+        )
+        return outputs
+
+    def _record_timing(
+        self, span: Span, rpc: str, transport: str, times, reply_metadata: bytes, sent: int, received: int
+    ):
+        t0, t1, t2, t3 = times
+        server = protocol.reply_timing(reply_metadata)
+        self.timings.append(
+            CallTiming(
+                stage=rpc.rsplit("_", 1)[-1],
+                peer=span.peer,
+                blocks=len(span),
+                transport=transport,
+                serialize_s=t1 - t0,
+                round_trip_s=t2 - t1,
+                deserialize_s=t3 - t2,
+                server_compute_s=server.get("compute_s"),
+                server_wait_s=server.get("wait_s"),
+                server_io_s=server.get("io_s"),
+                bytes_sent=sent,
+                bytes_received=received,
+            )
+        )
+
+    def _as_requested(self, span: Span, array: np.ndarray, dtype) -> np.ndarray:
+        """Petals servers reply in their own dtype; accept exactly that one besides ours."""
+        record = self._record(span.peer)
+        announced = record.info.torch_dtype if record is not None else None
+        if array.dtype != dtype and str(array.dtype) == announced:
+            return array.astype(dtype)
+        return array
+
+    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
+        arrays = [x, prompts if prompts.shape[2] else None]
+        rpc = (protocol.RPC_FORWARD, protocol.RPC_FORWARD_STREAM)
+        outputs = await self._call(span, rpc, arrays, [(x.shape, x.dtype)], cache_id)
+        if len(outputs) != 1:
+            raise FaultyResponse(span.peer, f"forward returned {len(outputs)} tensors, expected 1")
+        return self._as_requested(span, outputs[0], x.dtype)
+
+    async def _call_backward(self, span, x, grad_out, prompts, cache_id):
+        with_prompts = prompts.shape[2] > 0
+        rpc = (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM)
+        results = [(x.shape, x.dtype)] + ([(prompts.shape, prompts.dtype)] if with_prompts else [])
+        grads = None
+        if cache_id and self._caches_backward(span.peer):  # the server has the inputs: send the grads alone
+            try:
+                grads = await self._call(span, rpc, [grad_out], results, cache_id, inputs_cached=True)
+            except CacheMissed:
+                cache_id = ""  # it kept nothing under that id: recompute
+        if grads is None:
+            arrays = [x, grad_out, prompts if with_prompts else None]
+            grads = await self._call(span, rpc, arrays, results, cache_id)
+        if len(grads) != 1 + with_prompts:
+            raise FaultyResponse(span.peer, f"backward returned {len(grads)} tensors, expected {1 + with_prompts}")
+        grad_x = self._as_requested(span, grads[0], x.dtype)
+        return grad_x, (self._as_requested(span, grads[1], prompts.dtype) if with_prompts else None)
+
+
+def _discard_when_written(preparing: asyncio.Future) -> None:
+    """Close the segments of an exchange whose call was abandoned while its inputs were being written."""
+    if not preparing.cancelled() and preparing.exception() is None:
+        preparing.result().discard()

@@ -1,0 +1,168 @@
+"""``ServerConfig``: what a ``jaxseq-server`` serves and how. The command line is built from its fields
+(flag, help and default come from here alone), and the server's parts read their settings from it.
+
+Example:
+    >>> config = ServerConfig.from_args(["--checkpoint", "llama", "--blocks", "0:4", "--dht-prefix", "tiny",
+    ...                                  "--new-swarm", "--max-tokens", "4096"])
+    >>> config.blocks, config.max_tokens, config.cache_ttl
+    ((0, 4), 4096, 120.0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+MATMUL_PRECISIONS = ("highest", "high", "default")
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """``"START:END"`` as ``(START, END)``.
+
+    Example:
+        >>> parse_blocks("2:6")
+        (2, 6)
+    """
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks must look like START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
+    return start, end
+
+
+def _option(help: str, **argparse_kwargs: Any) -> dict[str, Any]:
+    """A field's command-line option: its help text and what argparse needs beyond the field's default."""
+    return {"help": help, **argparse_kwargs}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """A server's settings; ``jaxseq-server --help`` lists them with these defaults."""
+
+    checkpoint: str = dataclasses.field(metadata=_option("local Hugging Face Llama checkpoint folder"))
+    blocks: tuple[int, int] = dataclasses.field(
+        metadata=_option("blocks to serve, START:END", type=parse_blocks, metavar="START:END")
+    )
+    dht_prefix: str = dataclasses.field(metadata=_option("the model's name in the swarm (block uids are PREFIX.N)"))
+    initial_peers: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_option("multiaddrs of peers already in the swarm", nargs="+", join=True)
+    )
+    new_swarm: bool = dataclasses.field(default=False, metadata=_option("start a new swarm", join=True))
+    host_maddrs: tuple[str, ...] = dataclasses.field(
+        default=("/ip4/127.0.0.1/tcp/0",), metadata=_option("multiaddrs to listen on", nargs="+")
+    )
+    dtype: str = dataclasses.field(
+        default="float32", metadata=_option("dtype the blocks compute in", choices=COMPUTE_DTYPES)
+    )
+    matmul_precision: str = dataclasses.field(
+        default="highest",
+        metadata=_option(
+            "float32 matmuls on GPUs: 'highest' computes in full float32, as torch and Petals servers do "
+            "(remote == local within 1e-5); 'high' and 'default' let XLA use TF32 or bfloat16 passes, faster "
+            "and about 1e-3 off (no effect on CPUs)",
+            choices=MATMUL_PRECISIONS,
+        ),
+    )
+    throughput: float | None = dataclasses.field(
+        default=None, metadata=_option("announced tokens/s per block (measured at start if omitted)", type=float)
+    )
+    max_tokens: int = dataclasses.field(
+        default=65536, metadata=_option("most tokens (batch x seq) in one request", type=int)
+    )
+    max_request_mb: float = dataclasses.field(
+        default=1024.0, metadata=_option("most MiB of tensor data in one request", type=float)
+    )
+    request_timeout: float = dataclasses.field(
+        default=300.0, metadata=_option("seconds one request may take", type=float)
+    )
+    update_period: float = dataclasses.field(
+        default=60.0,
+        metadata=_option("seconds between DHT announcements (records expire after twice that)", type=float),
+    )
+    cache_mb: float = dataclasses.field(
+        default=1024.0, metadata=_option("MiB of forward activations kept for backward (LRU)", type=float)
+    )
+    cache_ttl: float = dataclasses.field(
+        default=120.0, metadata=_option("seconds a kept activation may wait for its backward", type=float)
+    )
+    shared_memory: bool = dataclasses.field(
+        default=True,
+        metadata=_option("don't offer same-machine clients shared-memory transfers", flag="--no-shared-memory"),
+    )
+    max_queue: int = dataclasses.field(
+        default=64, metadata=_option("requests that may wait for compute; more get 'server busy'", type=int)
+    )
+    allowed_clients: tuple[str, ...] | None = dataclasses.field(
+        default=None, metadata=_option("serve only these client peer ids (base58)", nargs="+", metavar="PEER_ID")
+    )
+    identity: str | None = dataclasses.field(
+        default=None, metadata=_option("file with this server's private key (created if missing): a stable peer id")
+    )
+    log_level: str = dataclasses.field(default="WARNING", metadata=_option("Python logging level"))
+
+    def __post_init__(self) -> None:
+        start, end = self.blocks
+        if not 0 <= start < end:
+            raise ValueError(f"blocks {start}:{end}: need 0 <= start < end")
+        if bool(self.initial_peers) == self.new_swarm:
+            raise ValueError("give either initial_peers (to join a swarm) or new_swarm=True (to start one)")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision {self.matmul_precision!r} is not one of {MATMUL_PRECISIONS}")
+        positive = ("max_tokens", "max_request_mb", "request_timeout", "update_period", "max_queue")
+        for name in positive + (("throughput",) if self.throughput is not None else ()):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("cache_mb", "cache_ttl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_mb * 2**20)
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        """The command line of ``jaxseq-server``: one option per field."""
+        parser = argparse.ArgumentParser(
+            prog="jaxseq-server",
+            description="Host a span of Llama blocks from a local checkpoint, announce it on a hivemind DHT, and "
+            "answer Petals 2.2 RPCs until SIGTERM/SIGINT (then announce OFFLINE and exit 0).",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        join = parser.add_mutually_exclusive_group(required=True)
+        for field in dataclasses.fields(cls):
+            option = dict(field.metadata)
+            flag = option.pop("flag", "--" + field.name.replace("_", "-"))
+            group = join if option.pop("join", False) else parser
+            if field.default is dataclasses.MISSING:
+                option["required"] = True
+            elif isinstance(field.default, bool):
+                option["action"] = "store_false" if field.default else "store_true"
+            elif field.default is not None:
+                option["default"] = field.default
+            group.add_argument(flag, dest=field.name, **option)
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> ServerConfig:
+        """Parse ``argv`` (the process's arguments when None); bad arguments exit with argparse's usage line."""
+        parser = cls.parser()
+        args = vars(parser.parse_args(argv))
+        for name in ("initial_peers", "host_maddrs", "allowed_clients"):
+            if args[name] is not None:
+                args[name] = tuple(args[name])
+        try:
+            return cls(**args)
+        except ValueError as error:
+            parser.error(str(error))

@@ -1,0 +1,164 @@
+"""``LocalSwarm``: an in-process swarm of emulated servers, with injectable faults, for tests and benchmarks.
+
+Its servers compute the real blocks (``BlockBackend``, the same code a ``jaxseq-server`` runs) and
+its manager is a ``SequenceManager`` like the network one: only the transport differs, a direct
+call instead of an RPC.
+
+On the CPU the servers compute on an XLA client of their own, with its own thread pool, as a server
+process has. XLA's CPU runtime usually runs the backward callback on one of its pool's threads (the
+one that finished the operation before), which the callback blocks while the swarm computes: on
+the caller's client the servers would get what is left of that pool, one thread of two on a 2-core
+machine (``benchmarks/callback_thread.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxseq.client.config import ClientConfig
+from jaxseq.client.errors import ServerFailure
+from jaxseq.client.manager import SequenceManager
+from jaxseq.client.routing import Span
+from jaxseq.models.config import LlamaConfig
+from jaxseq.models.llama import BlockParams
+from jaxseq.remote.records import ServerInfo, ServerRecord, ServerState
+from jaxseq.server.backend import BlockBackend
+
+STAGES = ("forward", "backward")
+
+
+@functools.cache
+def servers_device() -> jax.Device | None:
+    """Where emulated servers compute: with JAX on the CPU, a device of a CPU client of their own (one
+    for all swarms of the process); else None, JAX's default device."""
+    if jax.default_backend() != "cpu":
+        return None
+    from jax._src.lib import xla_client  # jax has no public way to make a second client
+
+    client: Any = xla_client.make_cpu_client(asynchronous=True)
+    return client.devices()[0]
+
+
+class EmulatedServer:
+    """A server holding blocks ``start..end-1``. ``calls`` counts calls by stage, failed ones included."""
+
+    def __init__(self, name: str, backend: BlockBackend, throughput: float):
+        self.name = name
+        self.backend = backend
+        self.throughput = throughput
+        self.calls = {stage: 0 for stage in STAGES}
+        self.alive = True
+        self._failures = {stage: 0 for stage in STAGES}
+
+    @property
+    def start(self) -> int:
+        return self.backend.start
+
+    @property
+    def end(self) -> int:
+        return self.backend.end
+
+    def fail_next(self, n: int = 1, stage: str = "forward") -> None:
+        """Make the next ``n`` calls of ``stage`` ("forward" or "backward") answer with an error."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self._failures[stage] += n
+
+    def kill(self) -> None:
+        """Go away for good: calls can't reach it, and it leaves the swarm's records."""
+        self.alive = False
+
+    def record(self) -> ServerRecord:
+        return ServerRecord(
+            self.name, self.start, self.end, ServerInfo(state=ServerState.ONLINE, throughput=self.throughput)
+        )
+
+    async def handle(self, stage: str, compute, *args):
+        self.calls[stage] += 1
+        if not self.alive:
+            raise ServerFailure(self.name, "connection refused (server is down)", reachable=False)
+        if self._failures[stage] > 0:
+            self._failures[stage] -= 1
+            raise ServerFailure(self.name, f"injected {stage} failure", reachable=True)
+        return await asyncio.to_thread(compute, *args)
+
+    def __repr__(self) -> str:
+        return f"EmulatedServer({self.name!r}, blocks {self.start}:{self.end}, alive={self.alive})"
+
+
+class LocalSwarm:
+    """An emulated swarm: ``servers[i]`` holds ``spans[i]``; all compute with jit in this process, on
+    ``device`` (default ``servers_device()``).
+
+    Example:
+        >>> swarm = LocalSwarm(cfg, params, spans=[(0, 2), (1, 4)])
+        >>> manager = swarm.sequence_manager(ClientConfig(max_retries=3, min_backoff=0.01))
+        >>> swarm.servers[0].fail_next(1, stage="forward")
+        >>> y = remote_sequential(x, None, manager)  # the failed call is retried, nothing is lost
+        >>> swarm.servers[0].calls, manager.retries  # calls counts the failed one too
+        ({'forward': 2, 'backward': 0}, 1)
+    """
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        params: Sequence[BlockParams],
+        spans: Sequence[tuple[int, int]],
+        throughputs: Sequence[float] | None = None,
+        device: jax.Device | None = None,
+    ):
+        n = len(params)
+        for start, end in spans:
+            if not 0 <= start < end <= n:
+                raise ValueError(f"span {start}:{end} is outside the {n} blocks given")
+        throughputs = throughputs or [1.0] * len(spans)
+        device = device or servers_device()
+        self.cfg = cfg
+        self.num_blocks = n
+        self.servers = [
+            EmulatedServer(f"local-{i}", BlockBackend(cfg, params[start:end], start=start, device=device), throughput)
+            for i, ((start, end), throughput) in enumerate(zip(spans, throughputs))
+        ]
+
+    def sequence_manager(self, config: ClientConfig = ClientConfig(), seed: int | None = 0) -> LocalSequenceManager:
+        """A manager that routes over this swarm with the same client logic as the network one."""
+        return LocalSequenceManager(self, config, seed=seed)
+
+
+class LocalSequenceManager(SequenceManager):
+    """``SequenceManager`` whose transport is a direct call into a ``LocalSwarm``'s servers."""
+
+    def __init__(self, swarm: LocalSwarm, config: ClientConfig, seed: int | None = 0):
+        super().__init__(config, seed=seed, name="jaxseq-local-swarm")
+        self.swarm = swarm
+        self._servers = {s.name: s for s in swarm.servers}
+        self.run(self.refresh())
+
+    @property
+    def num_blocks(self) -> int:
+        return self.swarm.num_blocks
+
+    @property
+    def hidden_size(self) -> int:
+        return self.swarm.cfg.hidden_size
+
+    async def _fetch_records(self) -> list[ServerRecord]:
+        return [s.record() for s in self.swarm.servers if s.alive]
+
+    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
+        server = self._servers[span.peer]
+        return await server.handle(
+            "forward", server.backend.forward, x, prompts, span.start, span.end, cache_id or None
+        )
+
+    async def _call_backward(self, span, x, grad_out, prompts, cache_id):
+        server = self._servers[span.peer]
+        return await server.handle(
+            "backward", server.backend.backward, x, prompts, grad_out, span.start, span.end, cache_id or None
+        )

@@ -1,0 +1,331 @@
+"""A seeded fuzzer for a live jaxseq-server: malformed and random requests of many kinds, unary and
+streamed, each bounded by a timeout, 127.0.0.1 only. Used by tests/test_fuzz.py (a short run in CI)
+and as a script for the full count:
+
+    python tests/programs/fuzz.py --count 10000 --seed 0     # starts its own server on a tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+
+from jaxseq.remote import protocol
+
+WELL_FORMED = ("valid", "ignorable metadata")  # kinds a server must answer normally
+
+
+def _tensor(rng: random.Random, shape, dtype=np.float32, fill=None) -> runtime_pb2.Tensor:
+    array = (
+        np.full(shape, fill, dtype)
+        if fill is not None
+        else np.asarray(np.random.default_rng(rng.randrange(2**32)).standard_normal(shape), dtype)
+    )
+    return protocol.serialize(array)
+
+
+class Fuzzer:
+    """Builds random requests for a server of ``num_blocks`` blocks of ``hidden`` under ``dht_prefix``."""
+
+    def __init__(self, dht_prefix: str, num_blocks: int, hidden: int, max_tokens: int):
+        self.prefix, self.num_blocks, self.hidden, self.max_tokens = dht_prefix, num_blocks, hidden, max_tokens
+
+    def uids(self, rng: random.Random) -> str:
+        start = rng.randrange(self.num_blocks)
+        return protocol.span_uids(self.prefix, start, rng.randrange(start + 1, self.num_blocks + 1))
+
+    def hidden_states(self, rng, batch=None, seq=None) -> runtime_pb2.Tensor:
+        return _tensor(rng, (batch or rng.randint(1, 3), seq or rng.randint(1, 8), self.hidden))
+
+    def requests(self) -> dict[str, Callable[[random.Random], tuple[str, object]]]:
+        """kind -> builder returning (rpc name, ExpertRequest | list of them | raw bytes)."""
+        fwd, bwd = protocol.RPC_FORWARD, protocol.RPC_BACKWARD
+        H = self.hidden
+
+        def req(uids, tensors, metadata=b""):
+            return runtime_pb2.ExpertRequest(uid=uids, tensors=tensors, metadata=metadata)
+
+        return {
+            "random bytes": lambda r: (r.choice([fwd, bwd, protocol.RPC_INFO]), os.urandom(r.randint(0, 2048))),
+            "wrong uids": lambda r: (
+                fwd,
+                req(
+                    r.choice(
+                        [
+                            "",
+                            "x.0",
+                            f"{self.prefix}.{self.num_blocks + 3}",
+                            f"{self.prefix}.1 {self.prefix}.0",
+                            f"{self.prefix}.0 {self.prefix}.2",
+                            f"{self.prefix}.-1",
+                            "ä" * 50,
+                            f"{self.prefix}.",
+                        ]
+                    ),
+                    [self.hidden_states(r)],
+                ),
+            ),
+            "wrong ndim": lambda r: (fwd, req(self.uids(r), [_tensor(r, r.choice([(4,), (2, H), (1, 2, 3, H)]))])),
+            "wrong hidden": lambda r: (fwd, req(self.uids(r), [_tensor(r, (1, 3, H + r.randint(1, 9)))])),
+            "empty": lambda r: (fwd, req(self.uids(r), [_tensor(r, r.choice([(0, 3, H), (1, 0, H)]))])),
+            "nan": lambda r: (
+                r.choice([fwd, bwd]),
+                req(self.uids(r), [_tensor(r, (1, 3, H), fill=r.choice([np.nan, np.inf, -np.inf]))] * 2),
+            ),
+            "int dtype": lambda r: (
+                fwd,
+                req(self.uids(r), [_tensor(r, (1, 3, H), dtype=r.choice([np.int32, np.int64, np.bool_]), fill=1)]),
+            ),
+            "tensor count": lambda r: (
+                r.choice([fwd, bwd]),
+                req(self.uids(r), [self.hidden_states(r, 1, 2)] * r.choice([0, 4, 5])),
+            ),
+            "bad prompts": lambda r: (
+                fwd,
+                req(
+                    self.uids(r),
+                    [
+                        self.hidden_states(r, 1, 2),
+                        _tensor(r, r.choice([(9, 1, 1, H), (1, 2, 1, H), (1, 1, 5, H), (1, 1, 1)])),
+                    ],
+                ),
+            ),
+            "grad shape": lambda r: (
+                bwd,
+                req(self.uids(r), [self.hidden_states(r, 1, 4), self.hidden_states(r, 1, 3)]),
+            ),
+            "too many tokens": lambda r: (fwd, req(self.uids(r), [_tensor(r, (1, self.max_tokens + 1, H))])),
+            "declared size": lambda r: (
+                fwd,
+                req(
+                    self.uids(r),
+                    [
+                        runtime_pb2.Tensor(
+                            buffer=os.urandom(64), size=[r.choice([10**9, 2**31, 7])] * 3, dtype="float32"
+                        )
+                    ],
+                ),
+            ),
+            "bad dtype string": lambda r: (
+                fwd,
+                req(
+                    self.uids(r),
+                    [
+                        runtime_pb2.Tensor(
+                            buffer=os.urandom(48),
+                            size=[1, 3, 4],
+                            dtype=r.choice(["float99", "", "object", "torch.float32"]),
+                        )
+                    ],
+                ),
+            ),
+            "compression code": lambda r: (
+                fwd,
+                req(
+                    self.uids(r),
+                    [
+                        runtime_pb2.Tensor(
+                            buffer=os.urandom(64), size=[1, 2, 8], dtype="float32", compression=r.choice([3, 4, 5, 77])
+                        )
+                    ],
+                ),
+            ),
+            # 0xc1 is never valid msgpack; a list is not a map; these output_compression values are no codes.
+            "garbage metadata": lambda r: (
+                fwd,
+                req(
+                    self.uids(r),
+                    [self.hidden_states(r)],
+                    r.choice(
+                        [
+                            b"\xc1" + os.urandom(r.randint(0, 64)),
+                            MSGPackSerializer.dumps([1, 2]),
+                            MSGPackSerializer.dumps({"output_compression": r.choice(["x", [99], [1, 2, 3]])}),
+                            MSGPackSerializer.dumps({"active_adapter": "lora-we-do-not-have"}),
+                        ]
+                    ),
+                ),
+            ),
+            # Optional keys with values a server ignores, as Petals servers ignore unknown keys: answered normally.
+            "ignorable metadata": lambda r: (
+                fwd,
+                req(
+                    self.uids(r),
+                    [self.hidden_states(r)],
+                    MSGPackSerializer.dumps(
+                        r.choice(
+                            [
+                                {"output_compression": None},
+                                {protocol.CACHE_ID_KEY: r.choice([1, "y" * 999, ""])},
+                                {"points": "many", "unknown": [1]},
+                            ]
+                        )
+                    ),
+                ),
+            ),
+            # A backward that names a forward instead of sending its inputs: none was kept for this peer.
+            "cached backward": lambda r: (
+                bwd,
+                req(
+                    self.uids(r),
+                    [self.hidden_states(r, 1, 2)] * r.choice([0, 1, 2]),
+                    MSGPackSerializer.dumps(
+                        r.choice(
+                            [
+                                {protocol.INPUTS_CACHED_KEY: True},
+                                {
+                                    protocol.INPUTS_CACHED_KEY: True,
+                                    protocol.CACHE_ID_KEY: f"never-{r.randrange(10**9)}",
+                                },
+                            ]
+                        )
+                    ),
+                ),
+            ),
+            "truncated stream": lambda r: (protocol.RPC_FORWARD_STREAM, self._truncated(r)),
+            "stream random bytes": lambda r: (protocol.RPC_BACKWARD_STREAM, os.urandom(r.randint(0, 4096))),
+            "valid": lambda r: (fwd, req(self.uids(r), [self.hidden_states(r)])),
+        }
+
+    def _truncated(self, rng: random.Random) -> list[runtime_pb2.ExpertRequest]:
+        tensor = self.hidden_states(rng, 4, 64)
+        parts = protocol.tensor_parts(protocol.deserialize(tensor), chunk_bytes=1024)
+        keep = parts[: rng.randrange(1, len(parts))]
+        return [runtime_pb2.ExpertRequest(uid=self.uids(rng), tensors=[runtime_pb2.Tensor(**p)]) for p in keep]
+
+
+async def _send(p2p: P2P, peer: PeerID, rpc: str, payload, timeout: float) -> str:
+    """Send one request; returns 'error', 'closed', 'ok' or 'timeout'."""
+
+    async def unary() -> str:
+        if isinstance(payload, bytes):
+            await p2p._client.call_unary_handler(peer, rpc, payload)
+        else:
+            await p2p.call_protobuf_handler(peer, rpc, payload, runtime_pb2.ExpertResponse)
+        return "ok"
+
+    async def stream() -> str:
+        _, reader, writer = await p2p.call_binary_stream_handler(peer, rpc)
+        try:
+            if isinstance(payload, bytes):
+                writer.write(payload)
+            else:
+                for request in payload:
+                    await P2P.send_protobuf(request, writer)
+                await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+            await writer.drain()
+            writer.write_eof()
+            response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+            return "error" if error is not None else "ok"
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.wait_for(stream() if rpc.endswith("_stream") else unary(), timeout)
+    except asyncio.TimeoutError:
+        return "timeout"
+    except asyncio.IncompleteReadError:
+        return "closed"
+    except Exception:  # an error reply surfaces as P2PHandlerError, or as a daemon/protocol error
+        return "error"
+
+
+async def fuzz(
+    maddr: str,
+    dht_prefix: str,
+    num_blocks: int,
+    hidden: int,
+    max_tokens: int,
+    count: int,
+    seed: int,
+    time_budget: float,
+    timeout: float = 10.0,
+    concurrency: int = 8,
+) -> dict:
+    """Send ``count`` requests (or stop at ``time_budget`` seconds); returns counts by kind and outcome."""
+    peer = PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1])
+    p2p = await P2P.create(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    fuzzer = Fuzzer(dht_prefix, num_blocks, hidden, max_tokens)
+    builders = fuzzer.requests()
+    rng = random.Random(seed)
+    plan = [
+        (kind, builders[kind](random.Random(rng.randrange(2**32)))) for kind in rng.choices(list(builders), k=count)
+    ]
+    results: collections.Counter = collections.Counter()
+    deadline = time.monotonic() + time_budget
+    queue = iter(plan)
+
+    async def worker():
+        for kind, (rpc, payload) in queue:
+            if time.monotonic() > deadline:
+                return
+            results[kind, await _send(p2p, peer, rpc, payload, timeout)] += 1
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await p2p.shutdown()
+    return dict(results)
+
+
+def main() -> int:
+    import psutil
+
+    import jaxseq
+    from jaxseq.testing.launch import ServerProcess
+
+    parser = argparse.ArgumentParser(description="fuzz a live jaxseq-server (started here on a tiny random model)")
+    parser.add_argument("--count", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget", type=float, default=1800.0)
+    args = parser.parse_args()
+    cfg = jaxseq.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = jaxseq.random_checkpoint(f"{tmp}/llama", cfg)
+        server = ServerProcess(
+            str(checkpoint), (0, 4), "fuzz", None, ["--throughput", "1", "--max-tokens", "512"]
+        ).wait_ready()
+        try:
+            run = lambda: asyncio.run(fuzz(server.maddr, "fuzz", 4, 32, 512, args.count, args.seed, args.time_budget))  # noqa: E731
+            rss_start = psutil.Process(server.process.pid).memory_info().rss
+            start = time.monotonic()
+            first = run()  # also fills the server's bounded compile cache
+            elapsed = time.monotonic() - start
+            rss_before = psutil.Process(server.process.pid).memory_info().rss
+            results = run()  # the same requests again: memory must stay flat
+            rss_after = psutil.Process(server.process.pid).memory_info().rss
+            alive = server.process.poll() is None
+        finally:
+            server.kill()
+    outcomes = collections.Counter()
+    for (kind, outcome), n in sorted(first.items()):
+        outcomes[outcome] += n
+        print(f"{kind:<22}{outcome:<10}{n:>7}")
+    second = collections.Counter(o for (_, o), n in results.items() for _ in range(n))
+    print(f"\nfirst pass: {sum(first.values())} requests in {elapsed:.0f} s: {dict(outcomes)}")
+    print(f"second pass (same requests): {dict(second)}; server alive: {alive}")
+    print(
+        f"server RSS: {rss_start / 2**20:.0f} MiB at start, {rss_before / 2**20:.0f} MiB after the first pass "
+        f"(compile cache filled), {rss_after / 2**20:.0f} MiB after the second"
+    )
+    outcomes += second
+    malformed_ok = sum(n for (kind, outcome), n in results.items() if outcome == "ok" and kind not in WELL_FORMED)
+    return 0 if alive and outcomes["timeout"] == 0 and malformed_ok == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
