@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from jaxseq.client.config import ClientConfig
 from jaxseq.client.errors import MissingBlocksError, RemoteCallError, SwarmError, swarm_errors
-from jaxseq.client.model import DistributedLlama
+from jaxseq.client.model import DistributedCausalLM, DistributedLlama
 from jaxseq.client.primitive import remote_sequential
+from jaxseq.models.blocks import init_block_params, local_sequential
 from jaxseq.models.checkpoint import load_checkpoint, load_config, load_head, random_checkpoint, write_checkpoint
-from jaxseq.models.config import LlamaConfig
-from jaxseq.models.llama import init_block_params, local_sequential
+from jaxseq.models.config import LlamaConfig, ModelConfig, RopeScaling
+from jaxseq.models.registry import family_of
 from jaxseq.testing.local_swarm import LocalSwarm
 
 if TYPE_CHECKING:
@@ -43,13 +44,17 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ClientConfig",
+    "DistributedCausalLM",
     "DistributedLlama",
     "LlamaConfig",
     "LocalSwarm",
     "MissingBlocksError",
+    "ModelConfig",
     "RemoteCallError",
     "RemoteSequenceManager",
+    "RopeScaling",
     "SwarmError",
+    "family_of",
     "init_block_params",
     "load_checkpoint",
     "load_config",

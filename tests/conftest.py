@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import pytest
 
 import jaxseq
-from jaxseq.testing.launch import ServerProcess
 
-from helpers import TINY
+from helpers import TINY, Swarms
 
 
 @pytest.fixture(scope="session")
@@ -51,33 +48,9 @@ def checkpoint(tmp_path_factory, tiny_cfg):
     return path, cfg, params
 
 
-_prefixes = itertools.count()
-
-
 @pytest.fixture
 def start_servers(checkpoint):
-    """``start_servers([(0, 2), (2, 4)], prefix=...)`` starts real servers (the first starts the swarm).
-
-    Every process started is killed by PID at teardown, whatever the test did.
-    """
-    started: list[ServerProcess] = []
-
-    def start(spans, dht_prefix=None, initial_peers=None, extra_args=()):
-        dht_prefix = dht_prefix or f"tiny{next(_prefixes)}"
-
-        def launch(span, peers):
-            args = ["--throughput", "1000", "--update-period", "5", *extra_args]
-            server = ServerProcess(str(checkpoint[0]), span, dht_prefix, peers, args)
-            started.append(server)
-            return server
-
-        servers = []
-        if not initial_peers:  # the first server starts the swarm; the others join it, starting in parallel
-            servers.append(launch(spans[0], None).wait_ready())
-            initial_peers, spans = [servers[0].maddr], spans[1:]
-        servers += [server.wait_ready() for server in [launch(span, initial_peers) for span in spans]]
-        return servers, dht_prefix
-
-    yield start
-    for server in started:
-        server.kill()
+    """``start_servers([(0, 2), (2, 4)], prefix=...)`` starts real servers of the tiny checkpoint (the first
+    starts the swarm). Every process started is killed by PID at teardown, whatever the test did."""
+    with Swarms(checkpoint[0]) as swarms:
+        yield swarms.start

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxseq
+from jaxseq.testing.launch import ServerProcess
 
 TINY = jaxseq.LlamaConfig(
     hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
@@ -50,3 +55,45 @@ def random_inputs(cfg, batch, seq, prompt_len, seed=1, num_blocks=None):
     n = num_blocks or cfg.num_hidden_layers
     prompts = 0.5 * jax.random.normal(kp, (n, batch, prompt_len, cfg.hidden_size), jnp.float32)
     return x, prompts
+
+
+_prefixes = itertools.count()
+
+
+class Swarms:
+    """Real ``jaxseq-server`` processes of one checkpoint, for a test or a module of tests: ``start(spans)``
+    starts a swarm (the first server starts it, the others join, in parallel) and returns its servers and
+    dht_prefix. Leaving the ``with`` block kills every process started, by PID, whatever happened."""
+
+    def __init__(self, checkpoint: str | Path, env: Mapping[str, str] | None = None):
+        self.checkpoint, self.env = str(checkpoint), env
+        self.started: list[ServerProcess] = []
+
+    def start(
+        self,
+        spans: Sequence[tuple[int, int]],
+        dht_prefix: str | None = None,
+        initial_peers: Sequence[str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> tuple[list[ServerProcess], str]:
+        dht_prefix = dht_prefix or f"tiny{next(_prefixes)}"
+
+        def launch(span: tuple[int, int], peers: Sequence[str] | None) -> ServerProcess:
+            args = ["--throughput", "1000", "--update-period", "5", *extra_args]
+            server = ServerProcess(self.checkpoint, span, dht_prefix, peers, args, env=self.env)
+            self.started.append(server)
+            return server
+
+        servers = []
+        if not initial_peers:
+            servers.append(launch(spans[0], None).wait_ready())
+            initial_peers, spans = [servers[0].maddr], spans[1:]
+        servers += [server.wait_ready() for server in [launch(span, initial_peers) for span in spans]]
+        return servers, dht_prefix
+
+    def __enter__(self) -> Swarms:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server in self.started:
+            server.kill()

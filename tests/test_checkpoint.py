@@ -18,9 +18,9 @@ import safetensors.numpy
 import torch
 import transformers
 
+from jaxseq.models.blocks import local_sequential
 from jaxseq.models.checkpoint import load_checkpoint, load_head, random_checkpoint, write_checkpoint
 from jaxseq.models.config import LlamaConfig
-from jaxseq.models.llama import local_sequential
 
 NUM_LAYERS = 4
 HF_KWARGS = dict(
@@ -195,11 +195,11 @@ BROKEN = {
         ValueError,
         "'yarn'",
     ),
-    "rope_scaling_llama3_t4": (lambda p: _edit_config(p, _llama3_transformers4), {}, ValueError, "'llama3'"),
-    "attention_bias": (_set_config(attention_bias=True), {}, ValueError, "attention_bias"),
-    "mlp_bias": (_set_config(mlp_bias=True), {}, ValueError, "mlp_bias"),
+    "rope_scaling_llama3_t4_incomplete": (lambda p: _edit_config(p, _llama3_transformers4), {}, ValueError, "llama3"),
+    "partial_rotary_factor": (_set_config(partial_rotary_factor=0.5), {}, ValueError, "partial_rotary_factor"),
+    "quantization_config": (_set_config(quantization_config={"quant_method": "gptq"}), {}, ValueError, "quantization"),
     "hidden_act": (_set_config(hidden_act="gelu"), {}, ValueError, "hidden_act"),
-    "model_type": (_set_config(model_type="mistral"), {}, ValueError, "model_type"),
+    "model_type": (_set_config(model_type="gemma"), {}, ValueError, "model_type"),
     "missing_tensor": (
         lambda p: _drop_tensor(p, MISSING_KEY),
         {},

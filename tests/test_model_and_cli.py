@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from flax import nnx
 import jaxseq
 from jaxseq import DistributedLlama
 from jaxseq.models.checkpoint import load_head
-from jaxseq.models.llama import rms_norm
+from jaxseq.models.decoder import rms_norm
 
 from helpers import rel_err
 
@@ -82,12 +83,19 @@ def test_training_step_gradient_equals_local_reference(checkpoint, local_manager
     np.testing.assert_array_equal(np.asarray(model.embed_tokens[...]), embed_before)
 
 
-def test_model_rejects_a_mismatched_swarm(checkpoint, tiny_cfg, make_swarm):
-    _, manager = make_swarm([(0, 2)])  # a 4-block swarm ...
-    cfg = jaxseq.LlamaConfig(**{**tiny_cfg.__dict__, "num_hidden_layers": 3, "head_dim": None})
-    other = jaxseq.random_checkpoint(checkpoint[0].parent / "three-blocks", cfg)
-    with pytest.raises(ValueError, match="the swarm serves 4 blocks, but .* has 3"):
-        DistributedLlama(other, manager)
+@pytest.mark.parametrize(
+    "change,served",
+    [
+        (dict(num_hidden_layers=3, layer_types=()), "4 blocks, not 3"),
+        (dict(hidden_size=64, head_dim=0), "hidden size 32, not 64"),
+        (dict(family="mistral"), "family llama, not mistral"),
+    ],
+)
+def test_model_rejects_a_swarm_of_another_model(checkpoint, tiny_cfg, make_swarm, tmp_path, change, served):
+    _, manager = make_swarm([(0, 2), (2, 4)])  # a swarm of the tiny 4-block Llama ...
+    other = jaxseq.random_checkpoint(tmp_path / "other", dataclasses.replace(tiny_cfg, **change))
+    with pytest.raises(ValueError, match=f"the swarm serves another model than .*: {served}"):
+        jaxseq.DistributedCausalLM(other, manager)
 
 
 def _processes_marked(mark: str) -> list[int]:
@@ -104,11 +112,23 @@ def _processes_marked(mark: str) -> list[int]:
 
 
 @pytest.mark.network
-def test_demo_end_to_end(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_demo_end_to_end(tmp_path, family):
     mark = f"JAXSEQ_TEST_MARK={uuid.uuid4().hex}"
     env = {**os.environ, "JAXSEQ_CACHE": str(tmp_path / "cache"), mark.split("=")[0]: mark.split("=")[1]}
     result = subprocess.run(
-        [sys.executable, "-m", "jaxseq.cli", "demo", "--steps", "20", "--out", str(tmp_path / "out")],
+        [
+            sys.executable,
+            "-m",
+            "jaxseq.cli",
+            "demo",
+            "--steps",
+            "20",
+            "--out",
+            str(tmp_path / "out"),
+            "--family",
+            family,
+        ],
         env=env,
         capture_output=True,
         text=True,

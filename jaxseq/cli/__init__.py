@@ -6,16 +6,23 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from jaxseq.models.registry import FAMILIES
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxseq", description="Train through a swarm of Llama block servers.")
+    parser = argparse.ArgumentParser(
+        prog="jaxseq", description="Train through a swarm of servers holding a model's blocks."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
         "demo", help="a local swarm and a prompt-tuning run through it, with a server killed halfway"
     )
     demo.add_argument(
-        "--checkpoint", help="a local Hugging Face Llama checkpoint (default: a small random one, built once)"
+        "--checkpoint", help="a Hugging Face checkpoint, folder or hub id (default: a small random one, built once)"
+    )
+    demo.add_argument(
+        "--family", default="llama", choices=sorted(FAMILIES), help="the small random model's family (default llama)"
     )
     demo.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     demo.add_argument("--servers", type=int, default=3, help="jaxseq-server processes to start (default 3)")
@@ -47,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from jaxseq.cli.demo import run_demo
 
-            run_demo(args.checkpoint, args.steps, args.servers, not args.no_kill, args.out)
+            run_demo(args.checkpoint, args.steps, args.servers, not args.no_kill, args.out, family=args.family)
             return 0
         return _swarm(args)
     except KeyboardInterrupt:

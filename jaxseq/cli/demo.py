@@ -4,6 +4,7 @@ halfway without losing a step, and a loss-curve PNG."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -18,33 +19,45 @@ from rich.console import Console
 from tqdm import tqdm
 
 from jaxseq.client.config import ClientConfig
-from jaxseq.client.model import DistributedLlama
+from jaxseq.client.model import DistributedCausalLM
 from jaxseq.client.remote_manager import RemoteSequenceManager
 from jaxseq.client.status import print_status, swarm_status
 from jaxseq.models.checkpoint import load_config, random_checkpoint
-from jaxseq.models.config import LlamaConfig
+from jaxseq.models.config import ModelConfig
 from jaxseq.testing.launch import ServerProcess
 
-DEMO_MODEL = LlamaConfig(
+_LLAMA = ModelConfig(
     hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=8,
     vocab_size=256, rms_norm_eps=1e-5,
 )  # fmt: skip
-DEMO_CHECKPOINT_VERSION = "demo-llama-v1"  # bump when DEMO_MODEL or its init changes
+# One small random model per family, each with its family's own features switched on.
+DEMO_MODELS = {
+    "llama": _LLAMA,
+    "mistral": dataclasses.replace(_LLAMA, family="mistral", sliding_window=16, layer_types=()),
+    "qwen2": dataclasses.replace(_LLAMA, family="qwen2", attention_bias=True),
+    "qwen3": dataclasses.replace(_LLAMA, family="qwen3", qk_norm=True),
+    "mixtral": dataclasses.replace(
+        _LLAMA, family="mixtral", num_experts=4, num_experts_per_token=2, sliding_window=16, layer_types=()
+    ),
+}
+DEMO_CHECKPOINT_VERSION = "v2"  # bump when DEMO_MODELS or their init change
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("JAXSEQ_CACHE", Path.home() / ".cache" / "jaxseq"))
 
 
-def demo_checkpoint() -> Path:
-    """The demo's random Llama checkpoint, built once in the cache folder (written aside, then renamed)."""
-    path = cache_dir() / DEMO_CHECKPOINT_VERSION
+def demo_checkpoint(family: str = "llama") -> Path:
+    """The demo's random checkpoint of ``family``, built once in the cache folder (written aside, then renamed)."""
+    if family not in DEMO_MODELS:
+        raise ValueError(f"no demo model of family {family!r}; choose one of {', '.join(DEMO_MODELS)}")
+    path = cache_dir() / f"demo-{family}-{DEMO_CHECKPOINT_VERSION}"
     if not (path / "config.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
-        random_checkpoint(staging / "llama", DEMO_MODEL, seed=0, std=0.1)
+        random_checkpoint(staging / "model", DEMO_MODELS[family], seed=0, std=0.1)
         try:
-            (staging / "llama").rename(path)
+            (staging / "model").rename(path)
         except OSError:  # another demo built it meanwhile
             pass
         shutil.rmtree(staging, ignore_errors=True)
@@ -97,12 +110,13 @@ def run_demo(
     kill: bool = True,
     out: str | None = None,
     console: Console | None = None,
+    family: str = "llama",
 ) -> Path:
     """Run the demo; returns the path of the loss-curve PNG. Every process it starts is stopped."""
     console = console or Console()
     if steps < 2:
         raise ValueError(f"--steps must be at least 2, got {steps}")
-    path = Path(checkpoint) if checkpoint else demo_checkpoint()
+    path = Path(checkpoint) if checkpoint else demo_checkpoint(family)
     cfg = load_config(path)
     out_dir = Path(out) if out else Path.cwd() / "jaxseq-demo"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +134,7 @@ def run_demo(
         manager = cleanup.enter_context(RemoteSequenceManager([started[0].maddr], prefix, config))
         print_status(swarm_status(manager), cfg.num_hidden_layers, "swarm at start", console)
 
-        model = DistributedLlama(path, manager, tuning_mode="deep_ptune", prompt_len=8, rngs=nnx.Rngs(0))
+        model = DistributedCausalLM(path, manager, tuning_mode="deep_ptune", prompt_len=8, rngs=nnx.Rngs(0))
         optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
         rng = np.random.default_rng(0)
         seq = 32

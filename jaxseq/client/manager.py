@@ -196,6 +196,11 @@ class SequenceManager(abc.ABC):
         self._banned[peer] = time.monotonic()
 
     @property
+    def model_families(self) -> set[str]:
+        """The model families the swarm's servers announce (jaxseq servers do; Petals servers don't)."""
+        return {r.info.family for r in self._records if r.info.family}
+
+    @property
     def records(self) -> list[ServerRecord]:
         """The servers in the current view of the swarm."""
         return list(self._records)

@@ -1,4 +1,4 @@
-"""``DistributedLlama``: a Flax NNX causal LM whose decoder blocks run in a swarm.
+"""``DistributedCausalLM``: a Flax NNX causal LM of any supported family, whose decoder blocks run in a swarm.
 
 The embedding, final norm and LM head are read from the checkpoint and run locally (frozen); the
 blocks run through ``remote_sequential``. Trainable prompts follow Petals' tuning modes:
@@ -17,8 +17,10 @@ from flax import nnx
 
 from jaxseq.client.manager import SequenceManager
 from jaxseq.client.primitive import remote_sequential
-from jaxseq.models.checkpoint import PathLike, load_config, load_head
-from jaxseq.models.llama import rms_norm
+from jaxseq.models.checkpoint import load_config, load_head
+from jaxseq.models.config import ModelConfig
+from jaxseq.models.decoder import rms_norm
+from jaxseq.models.hub import PathLike
 
 TUNING_MODES = (None, "ptune", "deep_ptune")
 
@@ -27,11 +29,16 @@ class Frozen(nnx.Variable):
     """Weights loaded from the checkpoint and never trained (optimizers take ``wrt=nnx.Param``)."""
 
 
-class DistributedLlama(nnx.Module):
-    """A Llama causal LM: local embedding and head, remote blocks, trainable prompts.
+class DistributedCausalLM(nnx.Module):
+    """A causal LM: local embedding and head, remote blocks, trainable prompts. The family (Llama,
+    Mistral, Qwen2, Qwen3, Mixtral) comes from the checkpoint, a local folder or a hub model id (of which
+    only the config and the shards of the embedding and head are fetched).
+
+    Raises ``ValueError`` when the swarm serves another model: another number of blocks, hidden size or
+    family than the checkpoint's.
 
     Example:
-        >>> model = DistributedLlama(checkpoint, manager, tuning_mode="deep_ptune", prompt_len=2)
+        >>> model = DistributedCausalLM(checkpoint, manager, tuning_mode="deep_ptune", prompt_len=2)
         >>> optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
         >>> ids = jnp.array([[1, 2, 3, 4]])
         >>> loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(ids), ids).mean()
@@ -50,18 +57,15 @@ class DistributedLlama(nnx.Module):
         prompt_len: int = 16,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs | None = None,
+        revision: str | None = None,
     ):
         if tuning_mode not in TUNING_MODES:
             raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
-        cfg = load_config(checkpoint)
-        if manager.num_blocks != cfg.num_hidden_layers:
-            raise ValueError(
-                f"the swarm serves {manager.num_blocks} blocks, but {checkpoint} has {cfg.num_hidden_layers}; "
-                "use the checkpoint of the model the swarm serves"
-            )
+        cfg = load_config(checkpoint, revision)
+        _check_swarm(manager, cfg, checkpoint)
         if tuning_mode and prompt_len < 1:
             raise ValueError(f"prompt_len must be at least 1 with tuning_mode={tuning_mode!r}, got {prompt_len}")
-        head = load_head(checkpoint, dtype)
+        head = load_head(checkpoint, dtype, revision)
         self.config = cfg
         self.manager = manager
         self.tuning_mode = tuning_mode
@@ -92,3 +96,23 @@ class DistributedLlama(nnx.Module):
             prompts = jnp.broadcast_to(deep, (deep.shape[0], batch) + deep.shape[2:])
         hidden = remote_sequential(hidden, prompts, self.manager)[:, self.prompt_len :]
         return rms_norm(hidden, self.norm[...], self.config.rms_norm_eps) @ self.lm_head[...]
+
+
+DistributedLlama = DistributedCausalLM  # its name from before there were other families
+
+
+def _check_swarm(manager: SequenceManager, cfg: ModelConfig, checkpoint: PathLike) -> None:
+    """Refuse a swarm that serves another model than ``checkpoint``: its hidden states would mean nothing."""
+    served = []
+    if manager.num_blocks != cfg.num_hidden_layers:
+        served.append(f"{manager.num_blocks} blocks, not {cfg.num_hidden_layers}")
+    if manager.hidden_size is not None and manager.hidden_size != cfg.hidden_size:
+        served.append(f"hidden size {manager.hidden_size}, not {cfg.hidden_size}")
+    families = manager.model_families
+    if families and families != {cfg.family}:
+        served.append(f"family {', '.join(sorted(families))}, not {cfg.family}")
+    if served:
+        raise ValueError(
+            f"the swarm serves another model than {checkpoint}: {'; '.join(served)}. "
+            "Use the checkpoint of the model the swarm serves (or the dht_prefix of the model you mean)"
+        )

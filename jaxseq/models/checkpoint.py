@@ -1,10 +1,11 @@
-"""Read and write Hugging Face Llama checkpoints (``config.json`` plus ``*.safetensors``).
+"""Read and write Hugging Face checkpoints (``config.json`` plus ``*.safetensors``) of every supported family.
 
-``load_checkpoint`` turns a local checkpoint folder into jaxseq's block parameters (see
-``jaxseq.models.llama``: one dict per block, matrices ``[in, out]``), reading only the blocks asked for
-and opening only the shard files that hold them. ``load_head`` reads the embedding, final norm and
-LM head. ``write_checkpoint`` and ``random_checkpoint`` write folders that both jaxseq and
-``transformers.LlamaForCausalLM.from_pretrained`` (transformers 4 and 5) load.
+``load_checkpoint`` turns a checkpoint (a local folder, or a hub model id: ``jaxseq.models.hub``) into
+jaxseq's block parameters (one dict per block, matrices ``[in, out]``; the family's
+``block_tensors`` name them), reading only the blocks asked for and opening (or, from the hub,
+fetching) only the shard files that hold them. ``load_head`` reads the embedding, final norm and LM
+head. ``write_checkpoint`` and ``random_checkpoint`` write folders that both jaxseq and transformers'
+``AutoModelForCausalLM.from_pretrained`` (transformers 4 and 5) load.
 
 bfloat16 checkpoints load through safetensors' numpy framework: importing ``ml_dtypes`` registers
 ``bfloat16`` with numpy, which is all safetensors needs to return bf16 arrays.
@@ -13,7 +14,6 @@ bfloat16 checkpoints load through safetensors' numpy framework: importing ``ml_d
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,128 +25,74 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jaxseq.models.config import LlamaConfig
-from jaxseq.models.llama import BlockParams, block_param_shapes, init_block_params
+from jaxseq.models.blocks import init_block_params
+from jaxseq.models.config import ModelConfig
+from jaxseq.models.decoder import BlockParams
+from jaxseq.models.family import EMBED, LAYER_PREFIX, LM_HEAD, NORM, TensorSpec
+from jaxseq.models.hub import CheckpointFiles, PathLike
+from jaxseq.models.registry import family_of
 
-PathLike = str | os.PathLike
 BlockRange = range | tuple[int, int]
 
 _CONFIG = "config.json"
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
-
-# jaxseq block parameter name -> tensor name inside "model.layers.{i}.", in checkpoint order.
-_BLOCK_TENSORS = {
-    "input_layernorm": "input_layernorm.weight",
-    "q_proj": "self_attn.q_proj.weight",
-    "k_proj": "self_attn.k_proj.weight",
-    "v_proj": "self_attn.v_proj.weight",
-    "o_proj": "self_attn.o_proj.weight",
-    "post_attention_layernorm": "post_attention_layernorm.weight",
-    "gate_proj": "mlp.gate_proj.weight",
-    "up_proj": "mlp.up_proj.weight",
-    "down_proj": "mlp.down_proj.weight",
-}
-_EMBED, _NORM, _LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+# What a client needs besides the weights to turn text into ids and back.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
-def _block_key(index: int, name: str) -> str:
-    return f"model.layers.{index}.{_BLOCK_TENSORS[name]}"
-
-
-def _folder(path: PathLike) -> Path:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"checkpoint folder {str(folder)!r} does not exist; pass a local folder holding config.json "
-            "and model.safetensors (or model-*.safetensors shards with model.safetensors.index.json)"
-        )
-    return folder
-
-
-def _load_config(folder: Path) -> tuple[LlamaConfig, dict[str, Any]]:
-    """Parse and validate ``config.json``; return the jaxseq config and the raw dict."""
-    config_path = folder / _CONFIG
-    if not config_path.is_file():
+def _raw_config(files: CheckpointFiles) -> dict[str, Any]:
+    path = files.path(_CONFIG)
+    if path is None:
         raise ValueError(
-            f"{config_path} not found: a Hugging Face checkpoint folder must hold config.json; "
+            f"{files.where(_CONFIG)} not found: a Hugging Face checkpoint must hold config.json; "
             "download it with the weights (e.g. huggingface_hub.snapshot_download)"
         )
-    raw = json.loads(config_path.read_text())
-    if raw.get("model_type") != "llama":
-        raise ValueError(
-            f"{config_path}: model_type is {raw.get('model_type')!r}, but jaxseq loads only 'llama' checkpoints"
-        )
-    for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key, False):
-            raise ValueError(
-                f"{config_path}: {key} is true, but jaxseq's Llama blocks have no biases; use a checkpoint without them"
-            )
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{config_path}: hidden_act is {raw['hidden_act']!r}, but jaxseq's Llama MLP uses 'silu' only")
-    for key in ("rope_parameters", "rope_scaling"):
-        rope = raw.get(key)
-        if rope is None:
-            continue
-        if not isinstance(rope, dict):
-            raise ValueError(f"{config_path}: {key} must be a JSON object, got {rope!r}")
-        rope_type = rope.get("rope_type", rope.get("type"))
-        if rope_type not in (None, "default"):
-            raise ValueError(
-                f"{config_path}: {key} has rope_type {rope_type!r}; jaxseq implements only the default "
-                "rotary embedding (rope_type 'default'), so this model's positions would be wrong"
-            )
-    rope_parameters = raw.get("rope_parameters") or {}
-    rope_theta = rope_parameters.get("rope_theta", raw.get("rope_theta", 10000.0))
-    missing = [
-        key
-        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
-        if key not in raw
-    ]
-    if missing:
-        raise ValueError(f"{config_path}: missing required key(s) {', '.join(missing)}")
-    cfg = LlamaConfig(
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_attention_heads=raw["num_attention_heads"],
-        num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-        num_hidden_layers=raw["num_hidden_layers"],
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        head_dim=raw.get("head_dim") or 0,
-        vocab_size=raw.get("vocab_size", 32000),
-    )
-    return cfg, raw
+    raw = json.loads(path.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{files.where(_CONFIG)} is not a JSON object")
+    return raw
 
 
-def _weight_map(folder: Path) -> dict[str, str] | None:
-    """The index's tensor -> shard file map, or None when the folder has one ``model.safetensors``."""
-    index = folder / _INDEX
-    if index.is_file():
+def _config(files: CheckpointFiles) -> tuple[ModelConfig, dict[str, Any]]:
+    """Parse and validate ``config.json`` with its family's rules; the config and the raw dict."""
+    raw = _raw_config(files)
+    try:
+        return family_of(str(raw.get("model_type"))).parse_config(raw), raw
+    except (ValueError, KeyError, TypeError) as error:
+        reason = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+        raise ValueError(f"{files.where(_CONFIG)}: {reason}") from None
+
+
+def _weight_map(files: CheckpointFiles) -> dict[str, str] | None:
+    """The index's tensor -> shard file map, or None when the checkpoint has one ``model.safetensors``."""
+    index = files.path(_INDEX)
+    if index is not None:
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no 'weight_map' object; re-download or re-save the checkpoint")
+            raise ValueError(f"{files.where(_INDEX)} has no 'weight_map' object; re-download or re-save the checkpoint")
         return weight_map
-    if (folder / _SINGLE).is_file():
+    if files.path(_SINGLE) is not None:
         return None
-    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+    where = f"in {files}"
+    if files.folder is not None:
+        found = sorted(p.name for p in files.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+        where += f" (found: {', '.join(found) or 'no weight files'})"
     raise ValueError(
-        f"no {_SINGLE} or {_INDEX} in {folder} (found: {', '.join(found) or 'no weight files'}); jaxseq "
-        "reads safetensors only: re-save the model with save_pretrained(..., safe_serialization=True)"
+        f"no {_SINGLE} or {_INDEX} {where}; jaxseq reads safetensors only: re-save the model with "
+        "save_pretrained(..., safe_serialization=True)"
     )
 
 
 def _read_tensors(
-    folder: Path,
-    shapes: dict[str, tuple[int, ...]],
-    dtype: Any,
-    optional: frozenset[str] = frozenset(),
+    files: CheckpointFiles, shapes: dict[str, tuple[int, ...]], dtype: Any, optional: frozenset[str] = frozenset()
 ) -> dict[str, np.ndarray]:
-    """Read the tensors named in ``shapes`` (checkpoint layout) as numpy arrays of ``dtype``.
+    """Read the tensors named in ``shapes`` (their stored shapes) as numpy arrays of ``dtype``.
 
-    Opens only the files holding them. Keys in ``optional`` that the checkpoint lacks are left out.
+    Opens (and, from the hub, fetches) only the files holding them. Keys in ``optional`` that the
+    checkpoint lacks are left out.
     """
-    weight_map = _weight_map(folder)
+    weight_map = _weight_map(files)
     by_file: dict[str, list[str]] = {}
     for key in shapes:
         if weight_map is None:
@@ -155,17 +101,17 @@ def _read_tensors(
             by_file.setdefault(weight_map[key], []).append(key)
         elif key not in optional:
             raise ValueError(
-                f"tensor {key!r} is not listed in {folder / _INDEX}; the checkpoint is incomplete or "
-                "not a Llama model: re-download it"
+                f"tensor {key!r} is not listed in {files.where(_INDEX)}; the checkpoint is incomplete or "
+                "not of the family its config.json names: re-download it"
             )
     np_dtype = np.dtype(dtype)
     tensors = {}
     for file_name, keys in by_file.items():
-        file_path = folder / file_name
-        if not file_path.is_file():
+        file_path = files.path(file_name)
+        if file_path is None:
             raise ValueError(
-                f"{folder / _INDEX} maps tensor {keys[0]!r} to {file_name}, which does not exist; "
-                "re-download the checkpoint"
+                f"{files.where(_INDEX)} maps tensor {keys[0]!r} to {file_name}, which can't be found "
+                f"({files.where(file_name)}); re-download the checkpoint"
             )
         with safetensors.safe_open(str(file_path), framework="numpy") as f:
             present = set(f.keys())
@@ -203,130 +149,135 @@ def _block_range(blocks: BlockRange | None, num_layers: int) -> range:
     return blocks
 
 
-def load_config(path: PathLike) -> LlamaConfig:
-    """The ``LlamaConfig`` of a local Hugging Face Llama checkpoint (validated as ``load_checkpoint`` does).
+def _block_keys(block: int, spec: TensorSpec) -> list[str]:
+    return [LAYER_PREFIX.format(block) + name for name in spec.names]
+
+
+def _from_stored(stored: list[np.ndarray], spec: TensorSpec) -> jax.Array:
+    """A parameter in jaxseq's layout from its stored tensor(s): matrices transposed, experts stacked."""
+    arrays = [a.T if a.ndim == 2 else a for a in stored]
+    return jnp.asarray(np.stack(arrays) if len(spec.names) > 1 else arrays[0])
+
+
+def _to_stored(param: Any, spec: TensorSpec, np_dtype: np.dtype) -> list[np.ndarray]:
+    array = np.asarray(param).astype(np_dtype)
+    parts = list(array) if len(spec.names) > 1 else [array]
+    return [np.ascontiguousarray(p.T if p.ndim == 2 else p) for p in parts]
+
+
+def load_config(path: PathLike, revision: str | None = None) -> ModelConfig:
+    """The ``ModelConfig`` of a checkpoint (a local folder or a hub model id), validated as
+    ``load_checkpoint`` validates it.
 
     Example:
         >>> load_config(checkpoint).num_hidden_layers
         4
     """
-    return _load_config(_folder(path))[0]
+    return _config(CheckpointFiles(path, revision))[0]
 
 
 def load_checkpoint(
-    path: PathLike, blocks: BlockRange | None = None, dtype: Any = jnp.float32
-) -> tuple[LlamaConfig, list[BlockParams]]:
-    """Load a local Hugging Face Llama checkpoint's decoder blocks in jaxseq's layout.
+    path: PathLike, blocks: BlockRange | None = None, dtype: Any = jnp.float32, revision: str | None = None
+) -> tuple[ModelConfig, list[BlockParams]]:
+    """Load a Hugging Face checkpoint's decoder blocks in jaxseq's layout.
 
-    Reads ``config.json`` in the transformers-4 form (top-level ``rope_theta``, ``rope_scaling``) or
-    the transformers-5 form (``rope_parameters``), and ``model.safetensors`` or shards listed in
-    ``model.safetensors.index.json``. Only the requested blocks' tensors are read, and only the
-    shard files holding them are opened. Any stored dtype (float32, float16, bfloat16) is cast to
-    ``dtype``.
+    The family comes from ``config.json``'s ``model_type`` (``jaxseq.models.registry``), read in the
+    transformers-4 or transformers-5 form. Weights are ``model.safetensors`` or shards listed in
+    ``model.safetensors.index.json``; only the requested blocks' tensors are read, and only the shard
+    files holding them are opened (from the hub: fetched). Any stored dtype (float32, float16,
+    bfloat16) is cast to ``dtype``.
 
     Args:
-        path: the checkpoint folder.
+        path: the checkpoint: a local folder, or a hub model id (``org/name``).
         blocks: the blocks to load, as a ``range`` or a ``(start, end)`` tuple; None loads all.
         dtype: dtype of the returned arrays.
+        revision: for a hub model id, the branch, tag or commit (default: main).
 
     Returns:
         The model's config and a list of block parameter dicts; element 0 is block ``blocks.start``.
 
     Raises:
-        FileNotFoundError: the folder does not exist.
-        ValueError: the folder is not a supported Llama checkpoint (the message names the key or
-            tensor at fault), or ``blocks`` is outside ``num_hidden_layers``.
+        FileNotFoundError: the folder does not exist (and ``path`` is no hub model id).
+        ValueError: the checkpoint is not of a supported family, or its config asks for something jaxseq
+            does not compute (the message names the key or tensor at fault), or ``blocks`` is outside
+            ``num_hidden_layers``.
 
     Example:
         >>> cfg, params = load_checkpoint(checkpoint, blocks=range(1, 3))
-        >>> len(params), local_sequential(cfg, params, x).shape  # blocks 1 and 2
+        >>> len(params), local_sequential(cfg, params, x, first=1).shape  # blocks 1 and 2
         (2, (2, 5, 32))
     """
-    folder = _folder(path)
-    cfg, _ = _load_config(folder)
+    files = CheckpointFiles(path, revision)
+    cfg, _ = _config(files)
     span = _block_range(blocks, cfg.num_hidden_layers)
-    param_shapes = block_param_shapes(cfg)
-    stored_shapes = {_block_key(i, name): shape[::-1] for i in span for name, shape in param_shapes.items()}
-    tensors = _read_tensors(folder, stored_shapes, dtype)
-    params = [{name: jnp.asarray(tensors[_block_key(i, name)].T) for name in param_shapes} for i in span]
+    specs = family_of(cfg).block_tensors(cfg)
+    stored = {key: spec.stored_shape for i in span for spec in specs.values() for key in _block_keys(i, spec)}
+    tensors = _read_tensors(files, stored, dtype)
+    params = [
+        {name: _from_stored([tensors[key] for key in _block_keys(i, spec)], spec) for name, spec in specs.items()}
+        for i in span
+    ]
     return cfg, params
 
 
-def load_head(path: PathLike, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
-    """Load a Llama checkpoint's token embedding, final norm and LM head, and nothing else.
+def load_head(path: PathLike, dtype: Any = jnp.float32, revision: str | None = None) -> dict[str, jax.Array]:
+    """Load a checkpoint's token embedding, final norm and LM head, and nothing else (from the hub: only
+    the shards holding them).
 
     When ``tie_word_embeddings`` is true, or the checkpoint has no ``lm_head.weight``, the LM head
     is the transposed embedding.
-
-    Args:
-        path: the checkpoint folder.
-        dtype: dtype of the returned arrays.
 
     Returns:
         ``{"embed_tokens": [vocab, hidden], "norm": [hidden], "lm_head": [hidden, vocab]}``.
 
     Raises:
-        FileNotFoundError: the folder does not exist.
-        ValueError: the folder is not a supported Llama checkpoint.
+        FileNotFoundError, ValueError: as ``load_checkpoint``.
 
     Example:
-        >>> from jaxseq.models.llama import rms_norm
+        >>> from jaxseq.models.decoder import rms_norm
         >>> head = load_head(checkpoint)
         >>> logits = rms_norm(x, head["norm"], cfg.rms_norm_eps) @ head["lm_head"]
         >>> logits.shape
         (2, 5, 100)
     """
-    folder = _folder(path)
-    cfg, raw = _load_config(folder)
+    files = CheckpointFiles(path, revision)
+    cfg, _ = _config(files)
     vocab, hidden = cfg.vocab_size, cfg.hidden_size
-    shapes = {_EMBED: (vocab, hidden), _NORM: (hidden,)}
-    tied = bool(raw.get("tie_word_embeddings", False))
-    if not tied:
-        shapes[_LM_HEAD] = (vocab, hidden)
-    tensors = _read_tensors(folder, shapes, dtype, optional=frozenset({_LM_HEAD}))
-    embed = jnp.asarray(tensors[_EMBED])
-    lm_head = tensors.get(_LM_HEAD)
+    shapes = {EMBED: (vocab, hidden), NORM: (hidden,)}
+    if not cfg.tie_word_embeddings:
+        shapes[LM_HEAD] = (vocab, hidden)
+    tensors = _read_tensors(files, shapes, dtype, optional=frozenset({LM_HEAD}))
+    embed = jnp.asarray(tensors[EMBED])
+    lm_head = tensors.get(LM_HEAD)
     return {
         "embed_tokens": embed,
-        "norm": jnp.asarray(tensors[_NORM]),
+        "norm": jnp.asarray(tensors[NORM]),
         "lm_head": embed.T if lm_head is None else jnp.asarray(lm_head.T),
     }
 
 
-def _random_head(cfg: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02) -> dict[str, jax.Array]:
+def tokenizer_files(path: PathLike, revision: str | None = None) -> list[Path]:
+    """The checkpoint's tokenizer and generation files that exist (from the hub: fetched), in
+    ``TOKENIZER_FILES`` order.
+
+    Example:
+        >>> [p.name for p in tokenizer_files(checkpoint)]
+        []
+    """
+    files = CheckpointFiles(path, revision)
+    return [p for p in (files.path(name) for name in TOKENIZER_FILES) if p is not None]
+
+
+def _random_head(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02) -> dict[str, jax.Array]:
     embed_key, head_key = jax.random.split(key)
     shape = (cfg.vocab_size, cfg.hidden_size)
+    embed = (std * jax.random.normal(embed_key, shape)).astype(dtype)
     return {
-        "embed_tokens": (std * jax.random.normal(embed_key, shape)).astype(dtype),
+        "embed_tokens": embed,
         "norm": jnp.ones((cfg.hidden_size,), dtype),
-        "lm_head": (std * jax.random.normal(head_key, shape[::-1])).astype(dtype),
-    }
-
-
-def _hf_config(cfg: LlamaConfig, dtype_name: str) -> dict[str, Any]:
-    """A ``config.json`` that transformers 5 (``rope_parameters``) and 4 (``rope_theta``) both read."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_theta": cfg.rope_theta,
-        "vocab_size": cfg.vocab_size,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "hidden_act": "silu",
-        "max_position_embeddings": 2048,
-        "dtype": dtype_name,
-        "torch_dtype": dtype_name,
+        "lm_head": embed.T
+        if cfg.tie_word_embeddings
+        else (std * jax.random.normal(head_key, shape[::-1])).astype(dtype),
     }
 
 
@@ -353,17 +304,17 @@ def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[s
 
 def write_checkpoint(
     path: PathLike,
-    cfg: LlamaConfig,
+    cfg: ModelConfig,
     params: Sequence[BlockParams],
     head: dict[str, jax.Array] | None = None,
     *,
     max_shard_bytes: int | None = None,
     dtype: Any = None,
 ) -> Path:
-    """Write a Hugging Face Llama checkpoint folder that transformers and ``load_checkpoint`` load.
+    """Write a Hugging Face checkpoint folder of ``cfg``'s family that transformers and ``load_checkpoint`` load.
 
-    Writes ``config.json`` (transformers-5 ``rope_parameters`` plus a top-level ``rope_theta`` for
-    transformers 4) and the weights as ``model.safetensors``, or, with ``max_shard_bytes``, as
+    Writes ``config.json`` (transformers-5 ``rope_parameters`` plus transformers-4 ``rope_theta`` and
+    ``rope_scaling``) and the weights as ``model.safetensors``, or, with ``max_shard_bytes``, as
     ``model-XXXXX-of-YYYYY.safetensors`` shards with ``model.safetensors.index.json``.
 
     Args:
@@ -391,39 +342,34 @@ def write_checkpoint(
         )
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive or None, got {max_shard_bytes}")
-    param_shapes = block_param_shapes(cfg)
+    family = family_of(cfg)
+    specs = family.block_tensors(cfg)
     for i, block in enumerate(params):
-        _check_shapes(f"params[{i}]", block, param_shapes)
+        _check_shapes(f"params[{i}]", block, {name: spec.shape for name, spec in specs.items()})
     if head is None:
         head = _random_head(cfg, jax.random.key(0))
-    _check_shapes(
-        "head",
-        head,
-        {
-            "embed_tokens": (cfg.vocab_size, cfg.hidden_size),
-            "norm": (cfg.hidden_size,),
-            "lm_head": (cfg.hidden_size, cfg.vocab_size),
-        },
-    )
+    head_shapes = {
+        "embed_tokens": (cfg.vocab_size, cfg.hidden_size), "norm": (cfg.hidden_size,),
+        "lm_head": (cfg.hidden_size, cfg.vocab_size),
+    }  # fmt: skip
+    _check_shapes("head", head, head_shapes)
     np_dtype = np.dtype(params[0]["q_proj"].dtype if dtype is None else dtype)
 
-    def stored(array: Any, transpose: bool = False) -> np.ndarray:
-        array = np.asarray(array).astype(np_dtype)
-        return np.ascontiguousarray(array.T if transpose else array)
-
-    tensors = {_EMBED: stored(head["embed_tokens"])}
+    tensors = {EMBED: np.asarray(head["embed_tokens"]).astype(np_dtype)}
     for i, block in enumerate(params):
-        for name in _BLOCK_TENSORS:
-            tensors[_block_key(i, name)] = stored(block[name], transpose=block[name].ndim == 2)
-    tensors[_NORM] = stored(head["norm"])
-    tensors[_LM_HEAD] = stored(head["lm_head"], transpose=True)
+        for name, spec in specs.items():
+            tensors.update(zip(_block_keys(i, spec), _to_stored(block[name], spec, np_dtype)))
+    tensors[NORM] = np.asarray(head["norm"]).astype(np_dtype)
+    if not cfg.tie_word_embeddings:
+        tensors[LM_HEAD] = np.ascontiguousarray(np.asarray(head["lm_head"]).astype(np_dtype).T)
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     existing = sorted(p.name for p in folder.glob("*.safetensors*"))
     if existing:
         raise ValueError(f"{folder} already holds {', '.join(existing)}; write to an empty or new folder")
-    (folder / _CONFIG).write_text(json.dumps(_hf_config(cfg, np_dtype.name), indent=2) + "\n")
+    config = {**family.hf_config(cfg), "dtype": np_dtype.name, "torch_dtype": np_dtype.name}
+    (folder / _CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if max_shard_bytes is None:
         safetensors.numpy.save_file(tensors, str(folder / _SINGLE), metadata={"format": "pt"})
         return folder
@@ -439,9 +385,9 @@ def write_checkpoint(
 
 
 def random_checkpoint(
-    path: PathLike, cfg: LlamaConfig, seed: int = 0, max_shard_bytes: int | None = None, std: float = 0.02
+    path: PathLike, cfg: ModelConfig, seed: int = 0, max_shard_bytes: int | None = None, std: float = 0.02
 ) -> Path:
-    """Write a randomly initialised Llama checkpoint (``init_block_params`` blocks, random head).
+    """Write a randomly initialised checkpoint of ``cfg``'s family (``init_block_params`` blocks, random head).
 
     Args:
         path: the folder to write; created if missing.
@@ -454,8 +400,6 @@ def random_checkpoint(
         The folder's path.
 
     Example:
-        >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        ...                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=100)
         >>> load_config(random_checkpoint(tmp / "random", cfg)) == cfg
         True
     """

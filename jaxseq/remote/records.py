@@ -35,6 +35,8 @@ EXTENSION_KEYS = {
     # The server keeps a forward's activations for the backward that names it: such a backward may
     # send its grad outputs alone (``jaxseq.remote.protocol.INPUTS_CACHED_KEY``).
     "cached_backward": "jaxseq_cached_backward",
+    # The model family the server computes (``jaxseq.models.registry``): clients refuse a swarm of another.
+    "family": "jaxseq_family",
 }
 
 
@@ -65,6 +67,7 @@ class ServerInfo:
     next_pings: Mapping[str, float] | None = None
     machine: str | None = None
     cached_backward: bool = False
+    family: str | None = None
 
     def to_tuple(self) -> tuple[int, float, dict[str, Any]]:
         """The DHT value: ``(state, throughput, extra)``, Petals' keys always, extension keys when set."""
@@ -125,6 +128,7 @@ _FIELD_TYPES = {
     "cache_tokens_left": int,
     "machine": str,
     "cached_backward": bool,
+    "family": str,
 }
 
 

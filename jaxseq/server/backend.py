@@ -17,8 +17,9 @@ import numpy as np
 
 from jaxseq.arrays import copy_padded
 from jaxseq.memory import MemoryPool, PrivateMemory, round_up
-from jaxseq.models.config import LlamaConfig
-from jaxseq.models.llama import BlockParams, run_span
+from jaxseq.models.config import ModelConfig
+from jaxseq.models.decoder import BlockParams, run_span
+from jaxseq.models.registry import family_of
 from jaxseq.server.activation_cache import ActivationCache, CacheMiss
 from jaxseq.server.config import ServerConfig
 
@@ -40,9 +41,9 @@ class BlockBackend:
     """Blocks ``start..start+len(blocks)-1`` of a model, ready to run any sub-span of them.
 
     Example:
-        >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        >>> cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
         ...                   num_key_value_heads=2, num_hidden_layers=2)
-        >>> from jaxseq.models.llama import init_block_params
+        >>> from jaxseq.models.blocks import init_block_params
         >>> backend = BlockBackend(cfg, init_block_params(cfg, jax.random.key(0)))
         >>> backend.forward(np.ones((1, 3, 64), np.float32), np.zeros((2, 1, 0, 64), np.float32), 0, 2).shape
         (1, 3, 64)
@@ -50,7 +51,7 @@ class BlockBackend:
 
     def __init__(
         self,
-        cfg: LlamaConfig,
+        cfg: ModelConfig,
         blocks: Sequence[BlockParams],
         start: int = 0,
         *,
@@ -72,15 +73,19 @@ class BlockBackend:
         # moving the data, not of computing on it (servers report it so).
         self.transfer_s = 0.0
 
-        def forward(blocks, x, prompts):
-            return run_span(cfg, blocks, x, prompts)
+        block = family_of(cfg).block
 
-        def backward(blocks, x, prompts, grad_out):
-            _, vjp = jax.vjp(lambda x_, p_: run_span(cfg, blocks, x_, p_), x, prompts)
+        # ``windows`` (the blocks' attention windows) is static; ``seq_len``, the positions before padding, is
+        # traced: it moves dynamic rope scaling only, and must not make a compile per length.
+        def forward(windows, blocks, x, prompts, seq_len):
+            return run_span(block, cfg, blocks, x, prompts, windows, seq_len)
+
+        def backward(windows, blocks, x, prompts, seq_len, grad_out):
+            _, vjp = jax.vjp(lambda x_, p_: forward(windows, blocks, x_, p_, seq_len), x, prompts)
             return vjp(grad_out)
 
-        self._forward = jax.jit(forward)
-        self._backward = jax.jit(backward)
+        self._forward = jax.jit(forward, static_argnums=0)
+        self._backward = jax.jit(backward, static_argnums=0)
 
     @property
     def end(self) -> int:
@@ -88,7 +93,7 @@ class BlockBackend:
 
     @property
     def compile_count(self) -> int:
-        """Distinct (stage, span, shape) combinations compiled so far."""
+        """Distinct (stage, span's attention windows, shape bucket) combinations compiled so far."""
         return len(self._compiled)
 
     def _span(self, start: int, end: int) -> list[BlockParams]:
@@ -96,13 +101,16 @@ class BlockBackend:
             raise ValueError(f"blocks {start}:{end} are not all within the served blocks {self.start}:{self.end}")
         return self.blocks[start - self.start : end - self.start]
 
+    def _windows(self, start: int, end: int) -> tuple[int, ...]:
+        return tuple(self.cfg.window(block) for block in range(start, end))
+
     def _padded(self, stage: str, start: int, end: int, x: np.ndarray, prompts: np.ndarray, *extra: np.ndarray):
         batch, seq, _ = x.shape
         sizes = {0: bucket(batch), 1: bucket(seq)}
         x_p = self._padded_copy(x, sizes)
         prompts_p = self._padded_copy(prompts, {1: sizes[0]})
         extra_p = [self._padded_copy(e, sizes) for e in extra]
-        self._count_compile(stage, start, end, x_p.shape, prompts_p.shape)
+        self._count_compile(stage, self._windows(start, end), x_p.shape, prompts_p.shape)
         return x_p, prompts_p, extra_p
 
     def _padded_copy(self, a: np.ndarray, axis_sizes: dict[int, int]) -> jax.Array:
@@ -129,9 +137,9 @@ class BlockBackend:
         with self._lock:
             self.transfer_s += time.perf_counter() - started
 
-    def _count_compile(self, stage: str, start: int, end: int, x_shape: tuple, prompts_shape: tuple) -> None:
+    def _count_compile(self, stage: str, windows: tuple[int, ...], x_shape: tuple, prompts_shape: tuple) -> None:
         with self._lock:
-            self._compiled.add((stage, end - start, x_shape, prompts_shape))
+            self._compiled.add((stage, windows, x_shape, prompts_shape))
 
     def forward(
         self, x: np.ndarray, prompts: np.ndarray, start: int, end: int, cache_key: Hashable | None = None
@@ -143,11 +151,11 @@ class BlockBackend:
         """
         batch, seq, _ = x.shape
         x_p, prompts_p, _ = self._padded("forward", start, end, x, prompts)
-        blocks = self._span(start, end)
+        blocks, windows, seq_len = self._span(start, end), self._windows(start, end), np.int32(seq)
         if cache_key is None:
-            out = self._forward(blocks, x_p, prompts_p)
+            out = self._forward(windows, blocks, x_p, prompts_p, seq_len)
         else:
-            out, vjp = jax.vjp(lambda x_, p_: self._forward(blocks, x_, p_), x_p, prompts_p)
+            out, vjp = jax.vjp(lambda x_, p_: self._forward(windows, blocks, x_, p_, seq_len), x_p, prompts_p)
             self.cache.put((cache_key, start, end), x_p, prompts_p, vjp, x.shape, (x.dtype, prompts.dtype))
         return self._on_host(out, (slice(batch), slice(seq)), x.dtype)
 
@@ -166,7 +174,8 @@ class BlockBackend:
         if saved is not None:
             grads = saved.vjp(grad_p)
         else:
-            grads = self._backward(self._span(start, end), x_p, prompts_p, grad_p)
+            seq_len = np.int32(x.shape[1])
+            grads = self._backward(self._windows(start, end), self._span(start, end), x_p, prompts_p, seq_len, grad_p)
         return self._unpadded(grads, x.shape, (x.dtype, prompts.dtype), prompts.shape[2])
 
     def backward_of_cached(
@@ -185,7 +194,7 @@ class BlockBackend:
             )
         padded_shape = saved.x.shape
         grad_p = self._padded_copy(grad_out, {0: padded_shape[0], 1: padded_shape[1]})
-        self._count_compile("backward", start, end, padded_shape, saved.prompts.shape)
+        self._count_compile("backward", self._windows(start, end), padded_shape, saved.prompts.shape)
         return self._unpadded(saved.vjp(grad_p), saved.shape, saved.dtypes, saved.prompts.shape[2])
 
     def _unpadded(

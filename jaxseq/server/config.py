@@ -35,6 +35,15 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has a value to show (not for flags or None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = action.default not in (None, (), argparse.SUPPRESS) and not isinstance(action.default, bool)
+        shown = shown and not action.required
+        return f"{action.help} (default: %(default)s)" if shown else str(action.help)
+
+
 def _option(help: str, **argparse_kwargs: Any) -> dict[str, Any]:
     """A field's command-line option: its help text and what argparse needs beyond the field's default."""
     return {"help": help, **argparse_kwargs}
@@ -44,7 +53,12 @@ def _option(help: str, **argparse_kwargs: Any) -> dict[str, Any]:
 class ServerConfig:
     """A server's settings; ``jaxseq-server --help`` lists them with these defaults."""
 
-    checkpoint: str = dataclasses.field(metadata=_option("local Hugging Face Llama checkpoint folder"))
+    checkpoint: str = dataclasses.field(
+        metadata=_option("a Hugging Face checkpoint: a local folder, or a hub model id (org/name)")
+    )
+    revision: str | None = dataclasses.field(
+        default=None, metadata=_option("for a hub model id: the branch, tag or commit (default: main)")
+    )
     blocks: tuple[int, int] = dataclasses.field(
         metadata=_option("blocks to serve, START:END", type=parse_blocks, metavar="START:END")
     )
@@ -136,9 +150,9 @@ class ServerConfig:
         """The command line of ``jaxseq-server``: one option per field."""
         parser = argparse.ArgumentParser(
             prog="jaxseq-server",
-            description="Host a span of Llama blocks from a local checkpoint, announce it on a hivemind DHT, and "
-            "answer Petals 2.2 RPCs until SIGTERM/SIGINT (then announce OFFLINE and exit 0).",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            description="Host a span of a model's blocks from a Hugging Face checkpoint, announce it on a "
+            "hivemind DHT, and answer Petals 2.2 RPCs until SIGTERM/SIGINT (then announce OFFLINE and exit 0).",
+            formatter_class=_HelpWithDefaults,
         )
         join = parser.add_mutually_exclusive_group(required=True)
         for field in dataclasses.fields(cls):

@@ -73,9 +73,11 @@ class TransformerConnectionHandler(ServicerBase):
             "dht_client_mode": False,
             "cache_tokens_available": 0,
             # jaxseq's own figures (Petals clients ignore them): requests computed by stage, the
-            # distinct (stage, span length, shape bucket) block functions compiled so far, and how
-            # often a backward found its forward's activations in the cache.
+            # distinct (stage, span, shape bucket) block functions compiled so far, how often a backward
+            # found its forward's activations in the cache, and the model family and dtype served.
             "jaxseq_computed": dict(self.computed),
+            "jaxseq_family": self.backend.cfg.family,
+            "jaxseq_dtype": str(self.backend.dtype),
             "jaxseq_compiled": self.backend.compile_count,
             "jaxseq_cache": {"hits": self.backend.cache.hits, "misses": self.backend.cache.misses},
         }

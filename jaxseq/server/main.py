@@ -1,4 +1,4 @@
-"""``jaxseq-server``: host a span of Llama blocks from a local checkpoint, announce it on a hivemind
+"""``jaxseq-server``: host a span of a model's blocks from a Hugging Face checkpoint, announce it on a hivemind
 DHT, and answer Petals 2.2 RPCs until SIGTERM/SIGINT (then announce OFFLINE and exit 0).
 
 Example:
@@ -60,7 +60,9 @@ def _visible_maddr(node: hivemind.DHT) -> str:
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
     """Load the blocks, join the swarm, announce and serve until ``stop`` is set (or SIGTERM/SIGINT)."""
     start, end = config.blocks
-    cfg, params = load_checkpoint(config.checkpoint, blocks=range(start, end), dtype=DTYPES[config.dtype])
+    cfg, params = load_checkpoint(
+        config.checkpoint, blocks=range(start, end), dtype=DTYPES[config.dtype], revision=config.revision
+    )
     backend = BlockBackend(cfg, params, start=start, cache_bytes=config.cache_bytes, cache_ttl=config.cache_ttl)
     throughput = config.throughput or measure_throughput(backend)
     expiration = max(2 * config.update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS)
@@ -70,7 +72,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
             state=state, throughput=throughput, start_block=start, end_block=end, version=VERSION,
             forward_rps=throughput, torch_dtype=config.dtype, quant_type="none", using_relay=False,
             cache_tokens_left=0, machine=shm.machine_id() if config.shared_memory else None,
-            cached_backward=config.cache_mb > 0 and config.cache_ttl > 0,
+            cached_backward=config.cache_mb > 0 and config.cache_ttl > 0, family=cfg.family,
         )  # fmt: skip
 
     identity = {"identity_path": config.identity} if config.identity else {}

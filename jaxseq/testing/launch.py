@@ -14,14 +14,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO
 
 READY = "jaxseq server ready: "
 
 
 class ServerProcess:
-    """One ``jaxseq-server`` process; ``maddr`` is the multiaddr it printed when ready.
+    """One ``jaxseq-server`` process; ``maddr`` is the multiaddr it printed when ready. ``env`` adds to
+    (or overrides) this process's environment for it.
 
     Example:
         >>> first = ServerProcess("llama-tiny", (0, 4), "tiny").wait_ready()           # doctest: +SKIP
@@ -37,6 +38,7 @@ class ServerProcess:
         initial_peers: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
         command: Sequence[str] = (sys.executable, "-m", "jaxseq.server.main"),
+        env: Mapping[str, str] | None = None,
     ):
         args = [
             *command,
@@ -52,8 +54,9 @@ class ServerProcess:
         self.blocks = blocks
         self.log = tempfile.NamedTemporaryFile("w+", prefix="jaxseq-server-", suffix=".log", delete=False)
         self.process = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True
-        )
+            args, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
+        )  # fmt: skip
         if self.process.stdout is None:
             raise RuntimeError("the server's stdout is not a pipe")  # Popen(stdout=PIPE) always makes one
         self._stdout: IO[str] = self.process.stdout

@@ -25,8 +25,8 @@ from jaxseq.client.config import ClientConfig
 from jaxseq.client.errors import ServerFailure
 from jaxseq.client.manager import SequenceManager
 from jaxseq.client.routing import Span
-from jaxseq.models.config import LlamaConfig
-from jaxseq.models.llama import BlockParams
+from jaxseq.models.config import ModelConfig
+from jaxseq.models.decoder import BlockParams
 from jaxseq.remote.records import ServerInfo, ServerRecord, ServerState
 from jaxseq.server.backend import BlockBackend
 
@@ -75,9 +75,8 @@ class EmulatedServer:
         self.alive = False
 
     def record(self) -> ServerRecord:
-        return ServerRecord(
-            self.name, self.start, self.end, ServerInfo(state=ServerState.ONLINE, throughput=self.throughput)
-        )
+        info = ServerInfo(state=ServerState.ONLINE, throughput=self.throughput, family=self.backend.cfg.family)
+        return ServerRecord(self.name, self.start, self.end, info)
 
     async def handle(self, stage: str, compute, *args):
         self.calls[stage] += 1
@@ -107,7 +106,7 @@ class LocalSwarm:
 
     def __init__(
         self,
-        cfg: LlamaConfig,
+        cfg: ModelConfig,
         params: Sequence[BlockParams],
         spans: Sequence[tuple[int, int]],
         throughputs: Sequence[float] | None = None,
