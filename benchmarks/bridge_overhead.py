@@ -22,11 +22,12 @@ import torch
 
 import bridges
 import jaxseq
+from jaxseq.client.manager import SequenceManager
 
 from common import BATCH, CFG, PROMPT_LEN, SEQ, timed
 
 
-def training_steps(manager: jaxseq.SequenceManager) -> tuple[Callable[[], object], Callable[[], object]]:
+def training_steps(manager: SequenceManager) -> tuple[Callable[[], object], Callable[[], object]]:
     """One training step through torch and one through JAX, on the same inputs."""
     x = jax.random.normal(jax.random.key(1), (BATCH, SEQ, CFG.hidden_size), jnp.float32)
     prompts = 0.1 * jax.random.normal(jax.random.key(2), (CFG.num_hidden_layers, BATCH, PROMPT_LEN, CFG.hidden_size))

@@ -1,4 +1,4 @@
-"""Deep prompt tuning of a Llama through any jaxseq or Petals swarm, with Flax NNX and optax.
+"""Deep prompt tuning of a model (any supported family) through any jaxseq or Petals swarm, with Flax NNX and optax.
 
 The embedding and LM head run here (from the local checkpoint); the blocks run in the swarm.
 The task is synthetic (make the model say one fixed sentence whatever it is given), so the loss
@@ -24,7 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--initial-peers", nargs="+", required=True)
     parser.add_argument("--dht-prefix", required=True)
-    parser.add_argument("--checkpoint", required=True, help="local checkpoint of the model the swarm serves")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint (folder or hub id) of the model the swarm serves"
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--prompt-len", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -34,7 +36,7 @@ def main() -> None:
 
     config = jaxseq.ClientConfig(deadline=120.0, max_retries=10)
     with RemoteSequenceManager(args.initial_peers, args.dht_prefix, config) as manager:
-        model = jaxseq.DistributedLlama(
+        model = jaxseq.DistributedCausalLM(
             args.checkpoint, manager, tuning_mode="deep_ptune", prompt_len=args.prompt_len, rngs=nnx.Rngs(0)
         )
         optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)

@@ -25,9 +25,10 @@ import torch
 import bridges
 import jaxseq
 from jaxseq import RemoteSequenceManager
+from jaxseq.client.manager import SequenceManager
 
 
-def local_manager(hidden_size: int, num_blocks: int) -> jaxseq.SequenceManager:
+def local_manager(hidden_size: int, num_blocks: int) -> SequenceManager:
     """A tiny random Llama on three emulated servers whose spans overlap."""
     cfg = jaxseq.LlamaConfig(
         hidden_size=hidden_size,

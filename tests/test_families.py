@@ -105,6 +105,17 @@ def test_config_has_the_family_features(family_model):
     assert cfg.tie_word_embeddings == (name == "llama3")
 
 
+def test_transformers4_config_form_gives_the_same_config(family_model, tmp_path):
+    """transformers 4 wrote ``rope_theta`` and ``rope_scaling`` where transformers 5 writes ``rope_parameters``."""
+    _, _, path = family_model
+    raw = json.loads((path / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope.pop("rope_theta")
+    raw["rope_scaling"] = None if rope["rope_type"] == "default" else rope
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert jaxseq.load_config(tmp_path) == jaxseq.load_config(path)
+
+
 @pytest.mark.parametrize("start,end", [(0, 4), (1, 3), (2, 4)])
 def test_blocks_equal_transformers(family_model, start, end):
     _, model, path = family_model

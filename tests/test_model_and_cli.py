@@ -248,3 +248,28 @@ def test_readme_flax_in_ten_lines_runs_as_written(checkpoint, start_servers):
     finally:
         namespace["manager"].close()
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def test_torch_bridge_example_runs_on_a_local_swarm():
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "torch_bridge_training.py"), "--steps", "3"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [float(line.split()[3]) for line in result.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+@pytest.mark.network
+def test_flax_example_runs_through_servers(checkpoint, start_servers):
+    servers, prefix = start_servers([(0, 2), (2, 4)])
+    args = ["--initial-peers", servers[0].maddr, "--dht-prefix", prefix, "--checkpoint", str(checkpoint[0])]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "flax_prompt_tuning.py"), *args, "--steps", "3", "--batch", "2", "--seq", "8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len([line for line in result.stdout.splitlines() if line.startswith("step")]) == 3

@@ -188,11 +188,11 @@ def test_retries_are_bounded_by_max_retries(tiny_cfg, make_swarm):
 
 def test_block_without_live_server_ends_within_deadline(tiny_cfg, make_swarm):
     deadline = 1.0
-    config = jaxseq.ClientConfig(max_retries=10_000, deadline=deadline, min_backoff=0.05, max_backoff=0.2)
-    swarm, manager = make_swarm([(0, 3), (3, 4)], config)
+    swarm, manager = make_swarm([(0, 3), (3, 4)])
     x, _ = random_inputs(tiny_cfg, 1, 4, 0)
     forward = jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))
     forward(x).block_until_ready()  # compiled, on the client and the servers: what follows is the deadline alone
+    manager.config = jaxseq.ClientConfig(max_retries=10_000, deadline=deadline, min_backoff=0.05, max_backoff=0.2)
     swarm.servers[1].kill()
     start = time.monotonic()
     with pytest.raises(Exception, match=r"MissingBlocksError: no reachable server holds block 3"):
