@@ -58,6 +58,7 @@ def main() -> None:
     if bool(args.initial_peers) != bool(args.dht_prefix):
         parser.error("--initial-peers and --dht-prefix go together")
 
+    manager: SequenceManager
     if args.initial_peers:
         manager = RemoteSequenceManager(args.initial_peers, args.dht_prefix)
     else:
