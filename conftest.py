@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxseq
+from jaxseq.testing.launch import ServerProcess
 
 # The 1e-5 float32 comparisons need full-precision matmuls: on GPUs XLA's default uses TF32 (about
 # 1e-3 off); jaxseq-server defaults to this too (--matmul-precision). No effect on CPUs.
@@ -51,7 +52,6 @@ def _doctest_objects(tmp_path_factory):
 def _doctest_namespace(request, doctest_namespace):
     if isinstance(request.node, pytest.DoctestItem):
         doctest_namespace.update(jax=jax, jnp=jnp, np=np, optax=optax, nnx=nnx, jaxseq=jaxseq)
-        doctest_namespace.update(
-            {name: getattr(jaxseq, name) for name in jaxseq.__all__ if name != "RemoteSequenceManager"}
-        )
+        doctest_namespace.update({name: getattr(jaxseq, name) for name in jaxseq.__all__})
+        doctest_namespace.update(ServerProcess=ServerProcess)
         doctest_namespace.update(request.getfixturevalue("_doctest_objects"))

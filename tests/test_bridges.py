@@ -242,9 +242,9 @@ def test_torch_training_through_faulty_swarm_matches_jax(tiny_cfg, tiny_params, 
     # step 0: c's forward fails, c is banned, a and b run every step from then on;
     # step 2: b's backward fails, blocks 2:4 are re-run on c (forward and backward), b is banned,
     # and c serves 2:4 for the last two steps.
-    assert a.calls == {"forward": 5, "backward": 5}
-    assert b.calls == {"forward": 3, "backward": 3}
-    assert c.calls == {"forward": 4, "backward": 3}
+    assert a.calls == {"forward": 5, "backward": 5, "inference": 0}
+    assert b.calls == {"forward": 3, "backward": 3, "inference": 0}
+    assert c.calls == {"forward": 4, "backward": 3, "inference": 0}
     assert manager.retries == 2
     assert len(manager.saved) == 0  # every forward's state was used by its backward
 
@@ -266,7 +266,7 @@ def test_remote_sequential_module_details(tiny_cfg, tiny_params, make_swarm):
     (g2,) = torch.autograd.grad(out.sum(), x)
     g_ref = jax.grad(lambda x: jnp.sum(jaxseq.local_sequential(tiny_cfg, tiny_params, x)))(x0)
     assert rel_err(g1, g_ref) < TOL and rel_err(g2, g_ref) < TOL
-    assert swarm.servers[0].calls == {"forward": 3, "backward": 2}
+    assert swarm.servers[0].calls == {"forward": 3, "backward": 2, "inference": 0}
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ def test_remote_sequential_rejects_bad_input(make_swarm, x_shape, prompts_shape,
         TypeError, match="x must be a torch.Tensor, got ArrayImpl; for JAX arrays use jaxseq.remote_sequential"
     ):
         bridges.RemoteSequential(manager)(jnp.zeros((1, 5, 32)))
-    assert swarm.servers[0].calls == {"forward": 0, "backward": 0}
+    assert swarm.servers[0].calls == {"forward": 0, "backward": 0, "inference": 0}
 
 
 # --- torch in JAX, JAX in torch ------------------------------------------------------------------------

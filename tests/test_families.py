@@ -176,10 +176,11 @@ def test_logits_equal_transformers(family_model, tuning_mode):
 
 
 @pytest.mark.network
-def test_training_step_through_servers_equals_local(family_model):
-    """Two real servers with overlapping spans: outputs and gradients of inputs and deep prompts equal the same
-    blocks under jax.jit in this process."""
-    _, _, path = family_model
+def test_training_and_generation_through_servers(family_model):
+    """Two real servers with overlapping spans: a training step's outputs and gradients of inputs and deep
+    prompts equal the same blocks under jax.jit in this process, and greedy generation (batch 1 and 3, 32
+    new tokens) equals transformers' ``generate`` token for token."""
+    _, hf, path = family_model
     cfg, params = load_checkpoint(path)
     x = jnp.asarray(_inputs(batch=2))
     prompts = 0.5 * jax.random.normal(jax.random.key(2), (cfg.num_hidden_layers, 2, 3, cfg.hidden_size))
@@ -190,6 +191,12 @@ def test_training_step_through_servers_equals_local(family_model):
         with jaxseq.RemoteSequenceManager([servers[0].maddr], prefix, config) as manager:
             assert manager.model_families == {cfg.family}
             got = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))(x, prompts)
+            model = jaxseq.DistributedCausalLM(path, manager)
+            for batch in (1, 3):
+                ids = np.random.default_rng(batch).integers(0, SHAPE["vocab_size"], (batch, 5))
+                fresh_rope(hf)
+                want_ids = hf.generate(torch.from_numpy(ids), max_new_tokens=32, do_sample=False).numpy()
+                np.testing.assert_array_equal(model.generate(ids, max_new_tokens=32), want_ids)
     ((_, out), grads), ((_, out_ref), grads_ref) = got, want
     assert rel_err(out, out_ref) < TOL and all(rel_err(g, r) < TOL for g, r in zip(grads, grads_ref))
 

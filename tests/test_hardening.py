@@ -98,7 +98,8 @@ def test_client_allow_list_routes_only_to_listed_servers(checkpoint, servers):
         assert {r.peer for r in manager.records} == {listed.peer_id}
         assert manager.server_info(listed.peer_id)["jaxseq_computed"]["forward"] == 5
     with RemoteSequenceManager([unlisted.maddr], "private") as observer:
-        assert observer.server_info(unlisted.peer_id)["jaxseq_computed"] == {"forward": 0, "backward": 0}
+        computed = observer.server_info(unlisted.peer_id)["jaxseq_computed"]
+        assert computed == {"forward": 0, "backward": 0, "inference": 0}
 
 
 def test_server_allow_list_refuses_other_clients(checkpoint, servers):

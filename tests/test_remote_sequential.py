@@ -45,9 +45,9 @@ def test_value_and_grad_equal_local(tiny_cfg, tiny_params, make_swarm, batch, se
     x, prompts = random_inputs(tiny_cfg, batch, seq, prompt_len)
     assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     n_micro = len(chain.micro_batches(batch, seq, max_tokens))
-    assert swarm.servers[0].calls == {"forward": n_micro, "backward": n_micro}
-    assert swarm.servers[1].calls == {"forward": n_micro, "backward": n_micro}
-    assert swarm.servers[2].calls == {"forward": 0, "backward": 0}
+    assert swarm.servers[0].calls == {"forward": n_micro, "backward": n_micro, "inference": 0}
+    assert swarm.servers[1].calls == {"forward": n_micro, "backward": n_micro, "inference": 0}
+    assert swarm.servers[2].calls == {"forward": 0, "backward": 0, "inference": 0}
 
 
 def test_servers_compute_on_a_client_of_their_own(make_swarm):
@@ -101,7 +101,7 @@ def test_vmap_is_one_batched_request(tiny_cfg, tiny_params, make_swarm, prompts_
     assert rel_err(got[1][0], want[1][0]) < TOL
     assert rel_err(got[1][1], want[1][1]) < TOL
     # 3 vmapped calls of batch 2 (36 tokens) fit in one micro-batch: one forward and one backward request.
-    assert swarm.servers[0].calls == {"forward": 1, "backward": 1}
+    assert swarm.servers[0].calls == {"forward": 1, "backward": 1, "inference": 0}
 
 
 def test_forward_fault_reroutes_from_failed_block(tiny_cfg, tiny_params, make_swarm):
@@ -111,9 +111,9 @@ def test_forward_fault_reroutes_from_failed_block(tiny_cfg, tiny_params, make_sw
     failing.fail_next(1, "forward")
     assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     # Blocks 0:2 are not redone; the failed span went to the other holder.
-    assert a.calls == {"forward": 1, "backward": 1}
-    assert failing.calls == {"forward": 1, "backward": 0}
-    assert other.calls == {"forward": 1, "backward": 1}
+    assert a.calls == {"forward": 1, "backward": 1, "inference": 0}
+    assert failing.calls == {"forward": 1, "backward": 0, "inference": 0}
+    assert other.calls == {"forward": 1, "backward": 1, "inference": 0}
     assert manager.retries == 1
 
 
@@ -124,9 +124,9 @@ def test_backward_fault_reruns_span_forward_elsewhere(tiny_cfg, tiny_params, mak
     x, prompts = random_inputs(tiny_cfg, 2, 5, 2)
     assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
     # c ran the forward of 0:4; its backward failed, so 0:4 was redone via a and b, then backward through them.
-    assert c.calls == {"forward": 1, "backward": 1}
-    assert a.calls == {"forward": 1, "backward": 1}
-    assert b.calls == {"forward": 1, "backward": 1}
+    assert c.calls == {"forward": 1, "backward": 1, "inference": 0}
+    assert a.calls == {"forward": 1, "backward": 1, "inference": 0}
+    assert b.calls == {"forward": 1, "backward": 1, "inference": 0}
 
 
 def test_every_holder_of_a_block_fails_once(tiny_cfg, tiny_params, make_swarm):
@@ -140,9 +140,9 @@ def test_every_holder_of_a_block_fails_once(tiny_cfg, tiny_params, make_swarm):
     # forward: c (fails) -> a (fails) -> both banned, c banned longest ago: c (ok).
     # backward: c fails -> redo 0:4 forward avoiding c: a, b -> backward b, then a fails -> redo 0:2:
     #   a and c banned, c longest ago -> c runs forward 0:2 and its backward.
-    assert a.calls == {"forward": 2, "backward": 1}
-    assert b.calls == {"forward": 1, "backward": 1}
-    assert c.calls == {"forward": 3, "backward": 2}
+    assert a.calls == {"forward": 2, "backward": 1, "inference": 0}
+    assert b.calls == {"forward": 1, "backward": 1, "inference": 0}
+    assert c.calls == {"forward": 3, "backward": 2, "inference": 0}
     assert manager.retries == 4
 
 
@@ -231,7 +231,7 @@ def test_bad_input_fails_at_trace_time(make_swarm, x_shape, prompts_shape, dtype
     prompts = None if prompts_shape is None else jnp.zeros(prompts_shape, jnp.float32)
     with pytest.raises(ValueError, match=message):
         jax.jit(lambda x, p: jaxseq.remote_sequential(x, p, manager)).trace(x, prompts)
-    assert swarm.servers[0].calls == {"forward": 0, "backward": 0}
+    assert swarm.servers[0].calls == {"forward": 0, "backward": 0, "inference": 0}
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])

@@ -29,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-kill", action="store_true", help="don't SIGKILL a server halfway")
     demo.add_argument("--out", help="folder for loss.png (default ./jaxseq-demo)")
 
+    generate = commands.add_parser("generate", help="generate text through a swarm, streamed as it comes")
+    generate.add_argument("prompt", help="the text to continue (token ids, space-separated, without tokenizer.json)")
+    generate.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
+    generate.add_argument("--dht-prefix", required=True, help="the model's name in the swarm")
+    generate.add_argument("--checkpoint", required=True, help="the checkpoint the swarm serves (folder or hub id)")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    generate.add_argument("--sample", action="store_true", help="sample instead of the greedy choice")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="sampling's nucleus (default 1: all tokens)")
+
     swarm = commands.add_parser("swarm", help="a table of the servers of a model in a swarm")
     swarm.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
     swarm.add_argument("--dht-prefix", required=True, help="the model's name in the swarm")
@@ -55,6 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from jaxseq.cli.demo import run_demo
 
             run_demo(args.checkpoint, args.steps, args.servers, not args.no_kill, args.out, family=args.family)
+            return 0
+        if args.command == "generate":
+            from jaxseq.cli.generate import generate_text
+
+            generate_text(
+                args.initial_peers, args.dht_prefix, args.checkpoint, args.prompt, args.max_new_tokens,
+                do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+            )  # fmt: skip
             return 0
         return _swarm(args)
     except KeyboardInterrupt:

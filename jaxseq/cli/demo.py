@@ -171,6 +171,16 @@ def run_demo(
             )
         bar.close()
 
+        # The tuned prompts at work: generated through the swarm, the model says the sentence it was taught
+        prompt = 4
+        said = model.generate(rng.integers(0, cfg.vocab_size, (1, prompt)), max_new_tokens=8, eos_token_id=None)
+        said = said[0, prompt:]
+        taught = np.asarray(target[prompt - 1 : prompt + 7])
+        console.print(
+            f"generated through the swarm with the tuned prompts: {said.tolist()}; the sentence taught: "
+            f"{taught.tolist()} ({int((said == taught).sum())} of 8 tokens agree)"
+        )
+
     png = out_dir / "loss.png"
     _plot(losses, kill_step, png)
     console.print(

@@ -15,8 +15,9 @@ import time
 
 import numpy as np
 
-from jaxseq.client.errors import MissingBlocksError, RemoteCallError, ServerFailure, SwarmError
+from jaxseq.client.errors import MissingBlocksError, ServerFailure
 from jaxseq.client.manager import SequenceManager
+from jaxseq.client.retries import Retries
 from jaxseq.client.routing import Span
 from jaxseq.client.verification import verified
 
@@ -32,60 +33,6 @@ class SpanRun:
     cache_id: str
 
 
-@dataclasses.dataclass
-class _Retries:
-    """Failures at one position of the chain, bounded by ``max_retries`` and the call's deadline."""
-
-    manager: SequenceManager
-    deadline: float
-    what: str
-    attempts: int = 0
-    last_error: Exception | None = None
-    last_block: int = 0
-
-    def timeout(self) -> float:
-        """Time left for the next call; gives up (with the last failure's typed error) when none is left."""
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise self._give_up(
-                f"deadline of {self.manager.config.deadline:.1f} s passed after {self.attempts} failed attempts"
-            )
-        return min(self.manager.config.request_timeout, remaining)
-
-    async def failed(self, error: Exception, block: int) -> None:
-        """Record a failure; raise the typed error when retries or time are used up, else back off."""
-        self.attempts += 1
-        self.last_error, self.last_block = error, block
-        if isinstance(error, ServerFailure):
-            self.manager.ban(error.peer, f"{self.what} failed: {error}")
-        max_retries = self.manager.config.max_retries
-        if self.attempts > max_retries:
-            raise self._give_up(f"{self.attempts} failed attempts (max_retries={max_retries})")
-        self.timeout()
-        logger.warning(
-            "%s failed at block %d (attempt %d of %d): %s; retrying in %.2f s",
-            self.what,
-            block,
-            self.attempts,
-            max_retries + 1,
-            error,
-            self.manager.config.backoff(self.attempts),
-        )
-        await self.manager.wait_before_retry(self.attempts, self.deadline)
-
-    def _give_up(self, why: str) -> SwarmError:
-        error = self.last_error
-        if isinstance(error, MissingBlocksError):
-            return MissingBlocksError(error.block, why)
-        if isinstance(error, ServerFailure) and not error.reachable:
-            return MissingBlocksError(self.last_block, f"{why}; last: {error}")
-        return RemoteCallError(f"{self.what}: {why}" + (f"; last error: {error}" if error else ""))
-
-    def succeeded(self) -> None:
-        self.attempts = 0
-        self.last_error = None
-
-
 async def chain_forward(
     manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, start: int, end: int, deadline: float
 ) -> tuple[np.ndarray, list[SpanRun]]:
@@ -97,7 +44,7 @@ async def chain_forward(
     done: list[SpanRun] = []
     plan: list[Span] = []
     pos = start
-    retries = _Retries(manager, deadline, f"forward from block {start}")
+    retries = Retries(manager, deadline, f"forward from block {start}")
     while pos < end:
         try:
             if not plan:
@@ -124,7 +71,7 @@ async def chain_forward(
 
 
 async def _rerun_forward(
-    manager: SequenceManager, retries: _Retries, x: np.ndarray, prompts: np.ndarray, ids: dict, other: Span
+    manager: SequenceManager, retries: Retries, x: np.ndarray, prompts: np.ndarray, ids: dict, other: Span
 ) -> np.ndarray:
     """A span's forward on ``other`` (a cross-check), under a new cache id kept in ``ids``."""
     ids[other.peer] = manager.new_cache_id()
@@ -132,7 +79,7 @@ async def _rerun_forward(
 
 
 async def _rerun_backward(
-    manager: SequenceManager, retries: _Retries, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, other: Span
+    manager: SequenceManager, retries: Retries, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, other: Span
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A span's backward on ``other`` (a cross-check), with its inputs."""
     return await manager.backward(other, x, grad_out, prompts, retries.timeout())
@@ -152,7 +99,7 @@ async def chain_backward(
     """
     grad_prompts = np.zeros_like(prompts)
     todo = list(done)
-    retries = _Retries(manager, deadline, "backward")
+    retries = Retries(manager, deadline, "backward")
     while todo:
         run = todo.pop()
         span, x = run.span, run.inputs

@@ -28,6 +28,9 @@ class ClientConfig:
         shared_memory: exchange tensors through shared memory files with jaxseq servers on the same machine.
         verify_fraction: fraction of spans (forward and backward) re-run on a second server and compared;
             on disagreement a third server decides and the outlier is banned. 0 disables it.
+        alloc_timeout: seconds an inference session may wait for a server's attention cache.
+        server_to_server: in inference sessions, ask each server to push its outputs straight to the next
+            server's session too (Petals' ``next_servers``), saving the next server a round trip.
 
     Example:
         >>> cfg = ClientConfig(max_retries=3, deadline=30.0)
@@ -47,8 +50,12 @@ class ClientConfig:
     allowed_servers: tuple[str, ...] | None = None
     verify_fraction: float = 0.0
     shared_memory: bool = True
+    alloc_timeout: float = 10.0
+    server_to_server: bool = True
 
     def __post_init__(self):
+        if self.alloc_timeout < 0:
+            raise ValueError(f"ClientConfig.alloc_timeout must be non-negative, got {self.alloc_timeout}")
         for name in ("deadline", "request_timeout", "connect_timeout", "max_backoff", "update_period"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ClientConfig.{name} must be positive, got {getattr(self, name)}")

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from jaxseq.client.config import ClientConfig
 from jaxseq.client.errors import FaultyResponse, ServerFailure
 from jaxseq.client.routing import Span, route
 from jaxseq.remote.records import ServerRecord, ServerState
+
+if TYPE_CHECKING:  # the session's module uses the manager: no import cycle at run time
+    from jaxseq.client.inference import InferenceSession, ServerSession
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +128,11 @@ class SequenceManager(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def _open_server_session(self, span: Span, max_length: int, batch_size: int) -> ServerSession:
+        """Open an inference session on ``span``'s server (``jaxseq.client.inference.ServerSession``); raises
+        ``ServerFailure`` when it can't be opened."""
+
+    @abc.abstractmethod
     async def _call_backward(
         self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, cache_id: str
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -162,9 +170,20 @@ class SequenceManager(abc.ABC):
         self._records = records
         self._last_refresh = time.monotonic()
 
-    def make_route(self, start: int, end: int) -> list[Span]:
-        """Spans covering blocks ``start..end-1`` from the current view (raises ``MissingBlocksError``)."""
-        return route(self._records, start, end, banned=self._active_bans(), latency=self._latency, rng=self._rng)
+    def make_route(self, start: int, end: int, cache_tokens: int = 0) -> list[Span]:
+        """Spans covering blocks ``start..end-1`` from the current view (raises ``MissingBlocksError``); with
+        ``cache_tokens``, for an inference session of that batch times length."""
+        return route(
+            self._records, start, end, banned=self._active_bans(), latency=self._latency, rng=self._rng,
+            cache_tokens=cache_tokens,
+        )  # fmt: skip
+
+    def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
+        """A session of up to ``max_length`` positions for ``batch_size`` rows, with attention caches kept by
+        the servers (``jaxseq.client.inference.InferenceSession``; use it as a context manager)."""
+        from jaxseq.client.inference import InferenceSession
+
+        return InferenceSession(self, max_length, batch_size)
 
     def _active_bans(self) -> dict[str, float]:
         """Bans younger than ``ban_timeout`` (peer -> time of the ban); older ones are forgotten."""
@@ -231,7 +250,7 @@ class SequenceManager(abc.ABC):
         """Forward through one span; raises ``ServerFailure`` (``FaultyResponse`` for bad answers)."""
         with self._counted(span):
             out = await self._guarded(self._call_forward(span, x, prompts, cache_id), span, timeout)
-            _check_tensor(span, "output", out, x.shape, x.dtype)
+            check_reply(span, "output", out, x.shape, x.dtype)
         return out
 
     async def backward(
@@ -242,9 +261,9 @@ class SequenceManager(abc.ABC):
             grad_x, grad_prompts = await self._guarded(
                 self._call_backward(span, x, grad_out, prompts, cache_id), span, timeout
             )
-            _check_tensor(span, "grad_inputs", grad_x, x.shape, x.dtype)
+            check_reply(span, "grad_inputs", grad_x, x.shape, x.dtype)
             if prompts.shape[2] > 0:
-                _check_tensor(span, "grad_prompts", grad_prompts, prompts.shape, prompts.dtype)
+                check_reply(span, "grad_prompts", grad_prompts, prompts.shape, prompts.dtype)
         return grad_x, grad_prompts
 
     @contextlib.contextmanager
@@ -274,7 +293,8 @@ class SequenceManager(abc.ABC):
         self.last_error = error
 
 
-def _check_tensor(span: Span, what: str, value, shape: Sequence[int], dtype) -> None:
+def check_reply(span: Span, what: str, value, shape: Sequence[int], dtype) -> None:
+    """Refuse a server's reply of the wrong type, shape or dtype, or with non-finite values: ``FaultyResponse``."""
     if not isinstance(value, np.ndarray):
         raise FaultyResponse(span.peer, f"{what} is {type(value).__name__}, not an array")
     if value.shape != tuple(shape):

@@ -13,13 +13,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxseq.client.manager import SequenceManager
 from jaxseq.client.primitive import remote_sequential
-from jaxseq.models.checkpoint import load_config, load_head
+from jaxseq.models.checkpoint import generation_defaults, load_config, load_head
 from jaxseq.models.config import ModelConfig
-from jaxseq.models.decoder import rms_norm
+from jaxseq.models.decoder import lm_logits
 from jaxseq.models.hub import PathLike
 
 TUNING_MODES = (None, "ptune", "deep_ptune")
@@ -66,6 +67,7 @@ class DistributedCausalLM(nnx.Module):
         if tuning_mode and prompt_len < 1:
             raise ValueError(f"prompt_len must be at least 1 with tuning_mode={tuning_mode!r}, got {prompt_len}")
         head = load_head(checkpoint, dtype, revision)
+        self.generation_defaults = generation_defaults(checkpoint, revision)
         self.config = cfg
         self.manager = manager
         self.tuning_mode = tuning_mode
@@ -83,19 +85,45 @@ class DistributedCausalLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """Logits ``[batch, seq, vocab]`` for token ids ``[batch, seq]``."""
+        hidden, prompts = self.embed(input_ids, with_prompts=True)
+        return self.logits(remote_sequential(hidden, prompts, self.manager)[:, self.prompt_len :])
+
+    def embed(self, input_ids: jax.Array, with_prompts: bool) -> tuple[jax.Array, jax.Array | None]:
+        """Hidden states of token ids ``[batch, seq]``, and (``with_prompts``) the trained prompts put where
+        the blocks take them: prompt embeddings before the tokens, deep prompts ``[blocks, batch, prompt_len,
+        hidden]`` (or None)."""
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integer [batch, seq], got {input_ids.dtype} {input_ids.shape}")
         hidden = self.embed_tokens[...][input_ids]
         batch, hidden_size = hidden.shape[0], hidden.shape[-1]
         prompts = None
-        if self.tuning_mode:
+        if with_prompts and self.tuning_mode:
             prefix = jnp.broadcast_to(self.prompt_embeddings[...], (batch, self.prompt_len, hidden_size))
             hidden = jnp.concatenate([prefix.astype(hidden.dtype), hidden], axis=1)
-        if self.tuning_mode == "deep_ptune":
+        if with_prompts and self.tuning_mode == "deep_ptune":
             deep = self.deep_prompts[...]
             prompts = jnp.broadcast_to(deep, (deep.shape[0], batch) + deep.shape[2:])
-        hidden = remote_sequential(hidden, prompts, self.manager)[:, self.prompt_len :]
-        return rms_norm(hidden, self.norm[...], self.config.rms_norm_eps) @ self.lm_head[...]
+        return hidden, prompts
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head's logits of the last block's hidden states."""
+        return lm_logits(hidden, self.norm[...], self.lm_head[...], self.config.rms_norm_eps)
+
+    def generate(self, input_ids: Any, *, max_new_tokens: int, **options: Any) -> np.ndarray:
+        """Token ids ``[batch, prompt + new]``, as transformers' ``generate`` returns them, generated through
+        an inference session of the swarm (``jaxseq.client.generation.generate`` has the options: sampling,
+        ``temperature``, ``top_k``, ``top_p``, ``key``, ``eos_token_id``, ``pad_token_id``, ``on_tokens``).
+        ``eos_token_id`` and ``pad_token_id`` default to the checkpoint's, as in transformers. Trained prompts
+        apply as in training.
+
+        Example:
+            >>> model = DistributedCausalLM(checkpoint, manager)
+            >>> model.generate(np.array([[1, 2, 3]]), max_new_tokens=4).shape
+            (1, 7)
+        """
+        from jaxseq.client.generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **{**self.generation_defaults, **options})
 
 
 DistributedLlama = DistributedCausalLM  # its name from before there were other families

@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import hivemind
 import numpy as np
@@ -23,7 +25,7 @@ from hivemind.utils.asyncio import as_aiter
 
 from jaxseq.client.config import ClientConfig
 from jaxseq.client.errors import CacheMissed, FaultyResponse, ServerFailure, SharedMemoryRefused
-from jaxseq.client.manager import SequenceManager
+from jaxseq.client.manager import SequenceManager, check_reply
 from jaxseq.client.routing import Span
 from jaxseq.client.shm import SegmentPool
 from jaxseq.remote import dht, protocol, shm
@@ -63,8 +65,11 @@ class RemoteSequenceManager(SequenceManager):
     servers can allow-list.
 
     Example:
-        >>> with RemoteSequenceManager(["/ip4/127.0.0.1/tcp/31337/p2p/Qm..."], "my-llama") as manager:  # doctest: +SKIP
-        ...     y = jax.jit(lambda x: remote_sequential(x, None, manager))(x)
+        >>> with ServerProcess(checkpoint, (0, 4), "doc-remote").wait_ready() as server:
+        ...     with RemoteSequenceManager([server.maddr], "doc-remote") as remote:
+        ...         y = jax.jit(lambda x: remote_sequential(x, None, remote))(x)
+        >>> bool(jnp.allclose(y, local_sequential(cfg, params, x), atol=1e-5))
+        True
     """
 
     def __init__(
@@ -392,8 +397,99 @@ class RemoteSequenceManager(SequenceManager):
         grad_x = self._as_requested(span, grads[0], x.dtype)
         return grad_x, (self._as_requested(span, grads[1], prompts.dtype) if with_prompts else None)
 
+    # --- inference -------------------------------------------------------------------------------
+    async def _open_server_session(self, span: Span, max_length: int, batch_size: int) -> RemoteServerSession:
+        session = RemoteServerSession(self, span, max_length)
+        with self._failures(span):
+            await asyncio.wait_for(session.open(), self.config.connect_timeout)
+        return session
+
 
 def _discard_when_written(preparing: asyncio.Future) -> None:
     """Close the segments of an exchange whose call was abandoned while its inputs were being written."""
     if not preparing.cancelled() and preparing.exception() is None:
         preparing.result().discard()
+
+
+_INT64_DUMMY = np.zeros(0, np.int64)  # Petals' DUMMY_INT64: no hypo_ids
+
+
+class RemoteServerSession:
+    """An inference session on one server: a Petals 2.2 ``rpc_inference`` stream. The first step's metadata
+    opens it (``max_length``, ``alloc_timeout``, ``session_id``); each step sends hidden states, prompts
+    (or the dummy) and hypo_ids (or the int64 dummy), and reads the span's outputs. Closing sends Petals'
+    "done" (an empty request), so the server frees the caches at once."""
+
+    def __init__(self, manager: RemoteSequenceManager, span: Span, max_length: int):
+        self.manager, self.span, self.max_length = manager, span, max_length
+        self.session_id = uuid.uuid4().hex
+        self._inputs: asyncio.Queue = asyncio.Queue()
+        self._outputs: Any = None
+        self._stepped = False
+
+    async def open(self) -> None:
+        async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+            while (request := await self._inputs.get()) is not None:
+                yield request
+
+        self._outputs = await self.manager._open_p2p.iterate_protobuf_handler(
+            PeerID.from_base58(self.span.peer), protocol.RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse
+        )
+
+    async def step(
+        self,
+        x: np.ndarray,
+        prompts: np.ndarray | None,
+        hypo_ids: np.ndarray | None,
+        *,
+        step_id: str,
+        start_from_position: int | None,
+        next_servers: list[tuple[str, str, int, int]],
+        timeout: float,
+    ) -> np.ndarray:
+        metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id}
+        if not self._stepped:
+            metadata.update(max_length=self.max_length, alloc_timeout=self.manager.config.alloc_timeout, points=0.0)
+        if start_from_position is not None:
+            metadata["start_from_position"] = start_from_position
+        if next_servers:
+            metadata["next_servers"] = [list(server) for server in next_servers]
+        t0 = time.perf_counter()
+        tensors = [protocol.serialize(a) for a in (x, prompts, _INT64_DUMMY if hypo_ids is None else hypo_ids)]
+        uids = protocol.span_uids(self.manager.dht_prefix, self.span.start, self.span.end)
+        t1 = time.perf_counter()
+        await self._inputs.put(
+            runtime_pb2.ExpertRequest(uid=uids, tensors=tensors, metadata=protocol.encode_metadata(metadata))
+        )
+        self._stepped = True
+        with self.manager._failures(self.span):
+            try:
+                response = await asyncio.wait_for(self._outputs.__anext__(), timeout)
+            except asyncio.TimeoutError:
+                raise ServerFailure(self.span.peer, f"no answer within {timeout:.1f} s", reachable=False) from None
+            except StopAsyncIteration:
+                raise ServerFailure(self.span.peer, "the server ended the session", reachable=True) from None
+            t2 = time.perf_counter()
+            outputs = [protocol.deserialize(t) for t in response.tensors]
+        self.manager._record_timing(
+            self.span,
+            protocol.RPC_INFERENCE,
+            "stream",
+            (t0, t1, t2, time.perf_counter()),
+            response.metadata,
+            sum(len(t.buffer) for t in tensors),
+            sum(len(t.buffer) for t in response.tensors),
+        )
+        if len(outputs) != 1:
+            raise FaultyResponse(self.span.peer, f"an inference step returned {len(outputs)} tensors, expected 1")
+        out = self.manager._as_requested(self.span, outputs[0], x.dtype)
+        check_reply(self.span, "outputs", out, x.shape, x.dtype)
+        return out
+
+    async def close(self) -> None:
+        if self._stepped:
+            await self._inputs.put(runtime_pb2.ExpertRequest())  # Petals' "done sending": the server frees the cache
+        await self._inputs.put(None)
+        if self._outputs is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._outputs.__anext__(), self.manager.config.connect_timeout)

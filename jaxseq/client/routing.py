@@ -30,6 +30,7 @@ def route(
     banned: Mapping[str, float] = {},
     latency: Mapping[str, float] = {},
     rng: random.Random | None = None,
+    cache_tokens: int = 0,
 ) -> list[Span]:
     """A chain of spans that covers blocks ``start..end-1`` with as few hops as possible.
 
@@ -37,7 +38,9 @@ def route(
     those, the fastest (announced throughput over measured latency), with near-equals (within 10%)
     picked at random to spread load. Banned peers (``banned`` maps peer to the time of its ban)
     are avoided, but a ban never makes a block unreachable on its own: when every holder of a
-    block is banned, the one banned longest ago is used.
+    block is banned, the one banned longest ago is used. With ``cache_tokens`` (an inference session's
+    batch times its length), servers that announce too little attention cache for it are avoided
+    likewise (Petals' unit: one token's keys, or values, in one block).
 
     Raises:
         MissingBlocksError: no online server holds some block in the range.
@@ -54,9 +57,9 @@ def route(
         holders = [r for r in online if r.start <= pos < r.end]
         if not holders:
             raise MissingBlocksError(pos, f"no server in the swarm announces it (route {start}:{end})")
-        trusted = [r for r in holders if r.peer not in banned]
+        trusted = [r for r in holders if r.peer not in banned and _has_cache(r, pos, end, cache_tokens)]
         if not trusted:
-            trusted = [min(holders, key=lambda r: banned[r.peer])]
+            trusted = [min(holders, key=lambda r: banned.get(r.peer, -float("inf")))]
         reach = max(min(r.end, end) for r in trusted)
         furthest = [r for r in trusted if min(r.end, end) == reach]
 
@@ -69,3 +72,9 @@ def route(
         spans.append(Span(chosen.peer, pos, reach))
         pos = reach
     return spans
+
+
+def _has_cache(record: ServerRecord, start: int, end: int, cache_tokens: int) -> bool:
+    """Whether ``record``'s server announces attention cache for ``cache_tokens`` over its blocks of ``start..end``."""
+    left = record.info.cache_tokens_left
+    return not cache_tokens or left is None or left >= 2 * cache_tokens * (min(record.end, end) - start)

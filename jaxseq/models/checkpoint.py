@@ -256,6 +256,21 @@ def load_head(path: PathLike, dtype: Any = jnp.float32, revision: str | None = N
     }
 
 
+def generation_defaults(path: PathLike, revision: str | None = None) -> dict[str, Any]:
+    """``eos_token_id`` and ``pad_token_id`` as transformers' ``generate`` defaults them: from
+    ``generation_config.json`` when the checkpoint has one, else from ``config.json`` (None where neither
+    gives them).
+
+    Example:
+        >>> generation_defaults(checkpoint)
+        {'eos_token_id': 2, 'pad_token_id': None}
+    """
+    files = CheckpointFiles(path, revision)
+    generation = files.path("generation_config.json")
+    raw = json.loads(generation.read_text()) if generation is not None else _raw_config(files)
+    return {key: raw.get(key) for key in ("eos_token_id", "pad_token_id")}
+
+
 def tokenizer_files(path: PathLike, revision: str | None = None) -> list[Path]:
     """The checkpoint's tokenizer and generation files that exist (from the hub: fetched), in
     ``TOKENIZER_FILES`` order.

@@ -39,6 +39,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * x32.astype(x.dtype)
 
 
+def lm_logits(hidden: jax.Array, norm: jax.Array, lm_head: jax.Array, eps: float) -> jax.Array:
+    """The LM head: logits of the last block's hidden states (the final norm, then the vocabulary's matrix)."""
+    return rms_norm(hidden, norm, eps) @ lm_head
+
+
 def inverse_frequencies(cfg: ModelConfig, seq_len: jax.Array | int) -> jax.Array:
     """The rotary embedding's inverse frequencies ``[head_dim // 2]``, float32, for a sequence of
     ``seq_len`` positions (only ``"dynamic"`` scaling depends on it; it may be traced).
@@ -73,8 +78,14 @@ def inverse_frequencies(cfg: ModelConfig, seq_len: jax.Array | int) -> jax.Array
 
 
 def rotary(cfg: ModelConfig, positions: jax.Array, seq_len: jax.Array | int, dtype) -> tuple[jax.Array, jax.Array]:
-    """``cos`` and ``sin`` ``[len(positions), head_dim]`` of the rotary embedding, in ``dtype``."""
-    freqs = positions.astype(jnp.float32)[:, None] * inverse_frequencies(cfg, seq_len)[None, :]
+    """``cos`` and ``sin`` ``[*positions.shape, head_dim]`` of the rotary embedding, in ``dtype``: of
+    ``positions: [seq]`` in a sequence of ``seq_len``, or of ``positions: [batch, seq]``, row ``r`` in a
+    sequence of ``seq_len[r]``."""
+    if positions.ndim == 1:
+        inv_freq = inverse_frequencies(cfg, seq_len)
+    else:
+        inv_freq = jax.vmap(lambda n: inverse_frequencies(cfg, n))(seq_len)[:, None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -90,9 +101,12 @@ def _linear(p: BlockParams, name: str, h: jax.Array) -> jax.Array:
     return out if bias is None else out + bias
 
 
-def attention(cfg: ModelConfig, p: BlockParams, h: jax.Array, cos: jax.Array, sin: jax.Array, window: int) -> jax.Array:
-    """Causal self-attention of normed hidden states ``h: [batch, seq, hidden]``; ``window`` > 0 lets each
-    position see only the last ``window`` positions, itself included."""
+def _queries_keys_values(
+    cfg: ModelConfig, p: BlockParams, h: jax.Array, cos: jax.Array, sin: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries ``[batch, seq, heads, head_dim]``, and keys and values ``[batch, seq, kv_heads, head_dim]``,
+    of normed hidden states, the rotary embedding (``cos``, ``sin`` of their positions, ``[seq, head_dim]``
+    or per row ``[batch, seq, head_dim]``) applied."""
     batch, seq, _ = h.shape
     d, n_heads, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     q = _linear(p, "q_proj", h).reshape(batch, seq, n_heads, d)
@@ -100,21 +114,74 @@ def attention(cfg: ModelConfig, p: BlockParams, h: jax.Array, cos: jax.Array, si
     v = _linear(p, "v_proj", h).reshape(batch, seq, n_kv, d)
     if cfg.qk_norm:
         q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    groups = n_heads // n_kv
+    cos, sin = jnp.broadcast_to(cos, (batch, seq, d))[:, :, None], jnp.broadcast_to(sin, (batch, seq, d))[:, :, None]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _attend(
+    cfg: ModelConfig, p: BlockParams, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array
+) -> jax.Array:
+    """Grouped-query attention of ``q`` over ``k`` and ``v`` where ``visible[query, key]`` (or per row,
+    ``visible[batch, 1, query, key]``), and the output projection."""
+    batch, seq, n_heads, d = q.shape
+    groups = n_heads // cfg.num_key_value_heads
     k = jnp.repeat(k, groups, axis=2)
     v = jnp.repeat(v, groups, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d**-0.5)
-    query, key = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
-    visible = key <= query
-    if window:
-        visible &= key > query - window
     scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(h.dtype)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, n_heads * d)
     return _linear(p, "o_proj", out)
+
+
+def _visible(query: jax.Array, key: jax.Array, window: int) -> jax.Array:
+    """Which keys each query sees (``[*query.shape, len(key)]``): its own position and earlier ones, within
+    ``window`` when it is set."""
+    visible = key <= query[..., None]
+    return visible & (key > query[..., None] - window) if window else visible
+
+
+def attention(cfg: ModelConfig, p: BlockParams, h: jax.Array, cos: jax.Array, sin: jax.Array, window: int) -> jax.Array:
+    """Causal self-attention of normed hidden states ``h: [batch, seq, hidden]``; ``window`` > 0 lets each
+    position see only the last ``window`` positions, itself included."""
+    q, k, v = _queries_keys_values(cfg, p, h, cos, sin)
+    positions = jnp.arange(h.shape[1])
+    return _attend(cfg, p, q, k, v, _visible(positions, positions, window))
+
+
+# A block's keys and values, ``[batch, kv_heads, length, head_dim]`` each: head-major, the layout attention's
+# products read without a transposed copy of the whole cache per step.
+KVCache = tuple[jax.Array, jax.Array]
+
+
+def cached_attention(
+    cfg: ModelConfig,
+    p: BlockParams,
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    window: int,
+    cache: KVCache,
+    positions: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """``attention`` of new positions of normed hidden states ``h: [batch, seq, hidden]``, row ``r``'s at
+    ``positions[r]..positions[r]+seq-1``, over those before them, whose keys and values ``cache`` holds;
+    returns the output and the cache with the new keys and values written in their places."""
+    q, k, v = _queries_keys_values(cfg, p, h, cos, sin)
+    batch, seq, n_heads, d = q.shape
+    kv_heads = cfg.num_key_value_heads
+    write = jax.vmap(
+        lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, jnp.swapaxes(new, 0, 1).astype(c.dtype), at, 1)
+    )
+    keys, values = write(cache[0], k, positions), write(cache[1], v, positions)
+    visible = _visible(positions[:, None] + jnp.arange(seq), jnp.arange(keys.shape[2]), window)  # [batch, seq, len]
+    # The query heads that share a key/value head go together, so that the cache is never repeated per head.
+    grouped = q.reshape(batch, seq, kv_heads, n_heads // kv_heads, d)
+    scores = jnp.einsum("bskgd,bkld->bkgsl", grouped, keys) * (d**-0.5)
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(scores.dtype).min)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgsl,bkld->bskgd", weights, values).reshape(batch, seq, n_heads * d)
+    return _linear(p, "o_proj", out), (keys, values)
 
 
 def dense_mlp(cfg: ModelConfig, p: BlockParams, h: jax.Array) -> jax.Array:
@@ -188,14 +255,35 @@ def _expert_tiles(choices: jax.Array, num_experts: int, tile: int) -> tuple[jax.
     return places, jnp.minimum(tile_experts, num_experts - 1).astype(jnp.int32)
 
 
+def _mlp_residual(cfg: ModelConfig, p: BlockParams, x: jax.Array) -> jax.Array:
+    h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+    return x + (sparse_moe(cfg, p, h) if cfg.num_experts else dense_mlp(cfg, p, h))
+
+
 def decoder_block(
     cfg: ModelConfig, p: BlockParams, x: jax.Array, cos: jax.Array, sin: jax.Array, window: int
 ) -> jax.Array:
     """One decoder layer: pre-norm attention and MLP (dense, or experts when ``cfg.num_experts``), each
     with a residual."""
     x = x + attention(cfg, p, rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps), cos, sin, window)
-    h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
-    return x + (sparse_moe(cfg, p, h) if cfg.num_experts else dense_mlp(cfg, p, h))
+    return _mlp_residual(cfg, p, x)
+
+
+def decoder_block_step(
+    cfg: ModelConfig,
+    p: BlockParams,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    window: int,
+    cache: KVCache,
+    positions: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """``decoder_block`` of new positions (row ``r``'s from ``positions[r]`` on), attending over the cached
+    earlier ones."""
+    h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
+    out, cache = cached_attention(cfg, p, h, cos, sin, window, cache, positions)
+    return _mlp_residual(cfg, p, x + out), cache
 
 
 def run_span(
@@ -220,3 +308,49 @@ def run_span(
             x = x.at[:, :prompt_len].add(prompts[i].astype(x.dtype))
         x = block(cfg, p, x, cos, sin, windows[i])
     return x
+
+
+# One block's step of inference: ``BlockFunction``'s arguments and the block's cache and each row's position
+# of the new hidden states -> their outputs and the updated cache
+BlockStepFunction = Callable[..., tuple[jax.Array, KVCache]]
+
+
+def run_span_step(
+    block_step: BlockStepFunction,
+    cfg: ModelConfig,
+    blocks: Sequence[BlockParams],
+    x: jax.Array,
+    prompts: jax.Array,
+    windows: Sequence[int],
+    caches: Sequence[KVCache],
+    positions: jax.Array,
+    seq_lens: jax.Array,
+    hypo_ids: jax.Array | None = None,
+) -> tuple[jax.Array, list[KVCache]]:
+    """One step of inference through ``blocks``: new hidden states ``x: [batch, n, hidden]``, row ``r``'s at
+    positions ``positions[r]..positions[r]+n-1`` (rows may be at different positions: sessions batched
+    together), given the blocks' caches of the positions before. The caches' rows are first taken in the
+    order of ``hypo_ids``, if given (beam search); before block i, ``x[:, :prompt_len] += prompts[i]``, as
+    ``run_span`` does (deep prompts go with the step that holds their positions). ``seq_lens[r]`` is
+    ``positions[r]`` plus row ``r``'s number of real new positions (``x`` may be padded).
+
+    Example:
+        >>> caches = [(jnp.zeros((2, 2, 8, 8)), jnp.zeros((2, 2, 8, 8))) for _ in params]  # [batch, kv, len, d]
+        >>> x = jnp.ones((2, 1, 32))
+        >>> no_prompts = jnp.zeros((len(params), 2, 0, 32))
+        >>> out, caches = run_span_step(decoder_block_step, cfg, params, x, no_prompts, [0] * len(params), caches,
+        ...                             jnp.array([0, 3]), jnp.array([1, 4]))
+        >>> out.shape, [int(jnp.abs(caches[0][0][row]).sum(axis=(0, 2)).argmax()) for row in range(2)]
+        ((2, 1, 32), [0, 3])
+    """
+    if hypo_ids is not None:
+        caches = [(k[hypo_ids], v[hypo_ids]) for k, v in caches]
+    cos, sin = rotary(cfg, positions[:, None] + jnp.arange(x.shape[1]), seq_lens, x.dtype)
+    prompt_len = prompts.shape[2]
+    updated = []
+    for i, (p, cache) in enumerate(zip(blocks, caches)):
+        if prompt_len:
+            x = x.at[:, :prompt_len].add(prompts[i].astype(x.dtype))
+        x, cache = block_step(cfg, p, x, cos, sin, windows[i], cache, positions)
+        updated.append(cache)
+    return x, updated

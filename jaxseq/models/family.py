@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxseq.models.config import ModelConfig, RopeScaling
-from jaxseq.models.decoder import BlockFunction
+from jaxseq.models.decoder import BlockFunction, BlockStepFunction
 
 # A block's tensors in Hugging Face checkpoints are named "model.layers.{i}." + their name.
 LAYER_PREFIX = "model.layers.{}."
@@ -56,6 +56,8 @@ class ModelFamily:
         block_tensors: a ``ModelConfig`` -> each block parameter's ``TensorSpec``.
         block: the block function (``jaxseq.models.decoder.BlockFunction``), jit-able, the same signature
             for every family.
+        block_step: the block's step of inference over cached keys and values
+            (``jaxseq.models.decoder.BlockStepFunction``), jit-able, the same signature for every family.
 
     Example:
         >>> from jaxseq.models.registry import family_of
@@ -73,6 +75,7 @@ class ModelFamily:
     hf_config: Callable[[ModelConfig], dict[str, Any]]
     block_tensors: Callable[[ModelConfig], dict[str, TensorSpec]]
     block: BlockFunction
+    block_step: BlockStepFunction
 
 
 def decoder_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:

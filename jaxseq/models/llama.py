@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxseq.models.config import ModelConfig
-from jaxseq.models.decoder import decoder_block
+from jaxseq.models.decoder import decoder_block, decoder_block_step
 from jaxseq.models.family import ModelFamily, common_config, common_hf_config, decoder_tensors, with_defaults
 
 DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "vocab_size": 32000}
@@ -42,4 +42,4 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-FAMILY = ModelFamily("llama", ("llama",), parse_config, hf_config, decoder_tensors, decoder_block)
+FAMILY = ModelFamily("llama", ("llama",), parse_config, hf_config, decoder_tensors, decoder_block, decoder_block_step)

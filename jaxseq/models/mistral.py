@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxseq.models.config import ModelConfig
-from jaxseq.models.decoder import decoder_block
+from jaxseq.models.decoder import decoder_block, decoder_block_step
 from jaxseq.models.family import ModelFamily, common_config, common_hf_config, decoder_tensors, with_defaults
 
 DEFAULTS = {
@@ -32,4 +32,6 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**common_hf_config(cfg, "MistralForCausalLM", "mistral"), "sliding_window": cfg.sliding_window or None}
 
 
-FAMILY = ModelFamily("mistral", ("mistral",), parse_config, hf_config, decoder_tensors, decoder_block)
+FAMILY = ModelFamily(
+    "mistral", ("mistral",), parse_config, hf_config, decoder_tensors, decoder_block, decoder_block_step
+)

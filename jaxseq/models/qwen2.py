@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxseq.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
-from jaxseq.models.decoder import decoder_block
+from jaxseq.models.decoder import decoder_block, decoder_block_step
 from jaxseq.models.family import ModelFamily, common_config, common_hf_config, decoder_tensors, with_defaults
 
 DEFAULTS = {
@@ -56,4 +56,4 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return windowed_hf_config(cfg, "Qwen2ForCausalLM", "qwen2")
 
 
-FAMILY = ModelFamily("qwen2", ("qwen2",), parse_config, hf_config, decoder_tensors, decoder_block)
+FAMILY = ModelFamily("qwen2", ("qwen2",), parse_config, hf_config, decoder_tensors, decoder_block, decoder_block_step)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxseq.models.config import ModelConfig
-from jaxseq.models.decoder import decoder_block
+from jaxseq.models.decoder import decoder_block, decoder_block_step
 from jaxseq.models.family import ModelFamily, decoder_tensors, with_defaults
 from jaxseq.models.qwen2 import DEFAULTS as QWEN2_DEFAULTS
 from jaxseq.models.qwen2 import windowed_config, windowed_hf_config
@@ -34,4 +34,4 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**windowed_hf_config(cfg, "Qwen3ForCausalLM", "qwen3"), "attention_bias": cfg.attention_bias}
 
 
-FAMILY = ModelFamily("qwen3", ("qwen3",), parse_config, hf_config, decoder_tensors, decoder_block)
+FAMILY = ModelFamily("qwen3", ("qwen3",), parse_config, hf_config, decoder_tensors, decoder_block, decoder_block_step)

@@ -34,6 +34,8 @@ RPC_FORWARD = f"{HANDLER}.rpc_forward"
 RPC_FORWARD_STREAM = f"{HANDLER}.rpc_forward_stream"
 RPC_BACKWARD = f"{HANDLER}.rpc_backward"
 RPC_BACKWARD_STREAM = f"{HANDLER}.rpc_backward_stream"
+RPC_INFERENCE = f"{HANDLER}.rpc_inference"
+RPC_PUSH = f"{HANDLER}.rpc_push"
 
 CHAIN_DELIMITER = " "
 # Request metadata key naming a forward whose activations a jaxseq server may keep for the backward

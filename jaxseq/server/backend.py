@@ -8,20 +8,33 @@ independent, and causal attention means padded positions at the end never reach 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Hashable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxseq.arrays import copy_padded
 from jaxseq.memory import MemoryPool, PrivateMemory, round_up
 from jaxseq.models.config import ModelConfig
-from jaxseq.models.decoder import BlockParams, run_span
+from jaxseq.models.decoder import BlockParams, run_span, run_span_step
 from jaxseq.models.registry import family_of
 from jaxseq.server.activation_cache import ActivationCache, CacheMiss
+from jaxseq.server.attention_cache import PAGE_TOKENS, AttentionCache, SessionCache, pages_for
 from jaxseq.server.config import ServerConfig
+
+
+def power_of_two(n: int) -> int:
+    """Smallest power of two >= n.
+
+    Example:
+        >>> [power_of_two(n) for n in (1, 3, 8, 9)]
+        [1, 4, 8, 16]
+    """
+    return 1 << (n - 1).bit_length()
 
 
 def bucket(n: int) -> int:
@@ -57,6 +70,7 @@ class BlockBackend:
         *,
         cache_bytes: int = int(ServerConfig.cache_mb * 2**20),
         cache_ttl: float = ServerConfig.cache_ttl,
+        attn_cache_tokens: int | None = None,
         device: jax.Device | None = None,
     ):
         self.cfg = cfg
@@ -72,8 +86,15 @@ class BlockBackend:
         # Seconds spent moving inputs into the blocks' memory and results out of it, in all: part of
         # moving the data, not of computing on it (servers report it so).
         self.transfer_s = 0.0
+        # The attention cache's pages, per block (see ``attention_cache``): booked here, and their arrays,
+        # ``[1 + pages, kv_heads, PAGE_TOKENS, head_dim]`` keys and values per block, made on first use.
+        tokens = attn_cache_tokens or default_attn_cache_tokens(cfg)
+        self.attention_cache = AttentionCache(len(self.blocks), pages_for(tokens))
+        self._pages: list[tuple[jax.Array, jax.Array]] = []
+        self._pages_lock = threading.Lock()  # one step at a time writes them (each donates and replaces them)
 
-        block = family_of(cfg).block
+        family = family_of(cfg)
+        block = family.block
 
         # ``windows`` (the blocks' attention windows) is static; ``seq_len``, the positions before padding, is
         # traced: it moves dynamic rope scaling only, and must not make a compile per length.
@@ -86,6 +107,50 @@ class BlockBackend:
 
         self._forward = jax.jit(forward, static_argnums=0)
         self._backward = jax.jit(backward, static_argnums=0)
+
+        # One step of sessions batched together: each row's keys and values are gathered from its pages (stale
+        # positions zeroed: a page may have served another session), run, and the new ones written back to the
+        # pages, which are donated so that this happens in place; rows that ``order`` moved (beam search) are
+        # written back whole. A page is ``[kv_heads, PAGE_TOKENS, head_dim]``: a row's pages side by side
+        # along their second axis are the head-major cache ``run_span_step`` reads.
+        def step(windows, reorder, blocks, pages, x, prompts, tables, positions, seq_lens, order):
+            rows, n = x.shape[:2]
+            length = tables.shape[2] * PAGE_TOKENS
+            filled = (jnp.arange(length) < positions[:, None])[:, None, :, None]
+
+            def gathered(a, table):
+                heads_first = jnp.swapaxes(
+                    jax.lax.optimization_barrier(a[table]), 1, 2
+                )  # [rows, kv, pages, PAGE_TOKENS, d]
+                return jnp.where(filled, heads_first.reshape(rows, a.shape[1], length, a.shape[3]), 0)
+
+            caches = [(gathered(k, table), gathered(v, table)) for (k, v), table in zip(pages, tables)]
+            out, caches = run_span_step(
+                family.block_step, cfg, blocks, x, prompts, windows, caches, positions, seq_lens,
+                order if reorder else None,
+            )  # fmt: skip
+            new = positions[:, None] + jnp.arange(n)  # [rows, n]: the positions this step wrote
+            written = []
+            for pair, table, cache in zip(pages, tables, caches):
+                if reorder:
+                    written.append(tuple(
+                        a.at[table.reshape(-1)].set(
+                            jnp.swapaxes(c.reshape(rows, a.shape[1], -1, PAGE_TOKENS, a.shape[3]), 1, 2)
+                            .reshape(-1, *a.shape[1:])
+                        )
+                        for a, c in zip(pair, cache)
+                    ))  # fmt: skip
+                else:
+                    page = jnp.take_along_axis(table, new // PAGE_TOKENS, axis=1)
+                    written.append(tuple(
+                        a.at[page, :, new % PAGE_TOKENS].set(
+                            jnp.swapaxes(jnp.take_along_axis(c, new[:, None, :, None], axis=2), 1, 2)
+                        )
+                        for a, c in zip(pair, cache)
+                    ))  # fmt: skip
+            return out, written
+
+        self._step = jax.jit(step, static_argnums=(0, 1), donate_argnums=3)
 
     @property
     def end(self) -> int:
@@ -206,3 +271,102 @@ class BlockBackend:
         if prompt_len == 0:
             return grad_x, None
         return grad_x, self._on_host(grads[1], (slice(None), slice(batch)), dtypes[1])
+
+    # --- inference ------------------------------------------------------------------------------
+    async def open_session(self, batch: int, max_length: int, start: int, end: int, timeout: float) -> SessionCache:
+        """A session of ``batch`` rows and ``max_length`` positions through blocks ``start..end-1``: its pages
+        in the attention cache, waited for up to ``timeout`` seconds (else ``CacheFull``). ``close()`` it."""
+        self._span(start, end)
+        blocks = range(start - self.start, end - self.start)
+        per_row = pages_for(max_length)
+        pages = await self.attention_cache.allocate(blocks, batch * per_row, timeout)
+        return SessionCache(start, end, batch, max_length, pages.reshape(len(blocks), batch, per_row),
+                            self.attention_cache, blocks)  # fmt: skip
+
+    def no_prompts(self, session: SessionCache) -> np.ndarray:
+        """Empty deep prompts for a step of ``session``."""
+        return np.zeros((session.end - session.start, session.batch, 0, self.cfg.hidden_size), self.dtype)
+
+    def inference_steps(self, steps: Sequence[SessionStep]) -> list[np.ndarray]:
+        """The outputs of each step of ``steps`` (of sessions through the same blocks, each at most once), computed
+        together: blocks ``session.start..session.end-1`` of new hidden states ``x: [batch, n, hidden]`` at
+        positions ``session.position..+n-1``, attending over the session's earlier positions; the new keys
+        and values are kept, and each session's position advances by its ``n``. ``prompts`` (``[blocks,
+        batch, prompt_len, hidden]``) are added before each block to the step's first positions;
+        ``hypo_ids`` first reorder the session's rows (beam search)."""
+        first = steps[0].session
+        start, end = first.start, first.end
+        n_max = max(step.x.shape[1] for step in steps)
+        n = bucket(n_max) if all(s.session.position + bucket(n_max) <= s.session.capacity for s in steps) else n_max
+        # Rows and pages per row vary with who is batched together: powers of two keep their compiles few.
+        rows = power_of_two(sum(step.session.batch for step in steps))
+        width = power_of_two(max(step.session.pages.shape[2] for step in steps))
+        prompt_len = max(step.prompts.shape[2] for step in steps)
+        started = time.perf_counter()
+        x = np.zeros((rows, n, self.cfg.hidden_size), self.dtype)
+        prompts = np.zeros((end - start, rows, prompt_len, self.cfg.hidden_size), self.dtype)
+        tables = np.zeros((end - start, rows, width), np.int32)  # page 0: scratch, for padding rows
+        positions, seq_lens, order = np.zeros(rows, np.int32), np.ones(rows, np.int32), np.arange(rows, dtype=np.int32)
+        row = 0
+        for step in steps:
+            session, batch, new = step.session, step.session.batch, step.x.shape[1]
+            if (session.start, session.end) != (start, end) or session.pages.shape[2] == 0:
+                raise ValueError("steps computed together must be of open sessions through the same blocks")
+            place = slice(row, row + batch)
+            x[place, :new] = step.x
+            prompts[:, place, : step.prompts.shape[2]] = step.prompts
+            tables[:, place, : session.pages.shape[2]] = session.pages
+            positions[place], seq_lens[place] = session.position, session.position + new
+            if step.hypo_ids is not None:
+                order[place] = row + step.hypo_ids
+            row += batch
+        reorder = any(step.hypo_ids is not None for step in steps)
+        inputs = jax.device_put((x, prompts, tables, positions, seq_lens, order), self.device)  # one transfer
+        self._count_transfer(started)
+        windows = self._windows(start, end)
+        self._count_compile("step", windows, (reorder, *x.shape), (*prompts.shape, width))
+        with self._pages_lock:
+            if not self._pages:
+                self._pages = self._empty_pages()
+            span = slice(start - self.start, end - self.start)
+            out, self._pages[span] = self._step(windows, reorder, self._span(start, end), self._pages[span], *inputs)
+        outputs, row = [], 0
+        for step in steps:
+            batch, new = step.session.batch, step.x.shape[1]
+            outputs.append(self._on_host(out, (slice(row, row + batch), slice(new)), step.x.dtype))
+            step.session.position += new
+            row += batch
+        return outputs
+
+    def inference_step(
+        self, session: SessionCache, x: np.ndarray, prompts: np.ndarray, hypo_ids: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``inference_steps`` of one session's step."""
+        return self.inference_steps([SessionStep(session, x, prompts, hypo_ids)])[0]
+
+    def _empty_pages(self) -> list[tuple[jax.Array, jax.Array]]:
+        shape = (1 + self.attention_cache.pages_per_block, self.cfg.num_key_value_heads, PAGE_TOKENS, self.cfg.head_dim)
+        return [
+            (
+                jax.device_put(np.zeros(shape, self.dtype), self.device),
+                jax.device_put(np.zeros(shape, self.dtype), self.device),
+            )
+            for _ in self.blocks
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionStep:
+    """One step of a session: new hidden states ``x: [batch, n, hidden]``, deep prompts ``[blocks, batch,
+    prompt_len, hidden]``, and ``hypo_ids`` (the rows' new order, or None)."""
+
+    session: SessionCache
+    x: np.ndarray
+    prompts: np.ndarray
+    hypo_ids: np.ndarray | None = None
+
+
+def default_attn_cache_tokens(cfg: ModelConfig) -> int:
+    """Petals' default attention cache, in positions per block: 16384 for models with grouped keys and values,
+    else 4096."""
+    return 16384 if cfg.num_key_value_heads < cfg.num_attention_heads else 4096

@@ -104,6 +104,33 @@ class ServerConfig:
     cache_ttl: float = dataclasses.field(
         default=120.0, metadata=_option("seconds a kept activation may wait for its backward", type=float)
     )
+    attn_cache_tokens: int | None = dataclasses.field(
+        default=None,
+        metadata=_option(
+            "tokens of attention cache per served block, for all inference sessions together (default, as "
+            "Petals: 16384 for models with grouped keys and values, else 4096)",
+            type=int,
+        ),
+    )
+    inference_max_length: int | None = dataclasses.field(
+        default=None,
+        metadata=_option("most positions one inference session may ask for (default, as Petals: 8192 for "
+                         "models with grouped keys and values, else 2048)", type=int),
+    )  # fmt: skip
+    inference_idle_timeout: float = dataclasses.field(
+        default=300.0,
+        metadata=_option("seconds an inference session may wait for its next step before it is closed", type=float),
+    )
+    session_timeout: float = dataclasses.field(
+        default=1800.0, metadata=_option("seconds one inference session may last", type=float)
+    )
+    batch_wait_ms: float = dataclasses.field(
+        default=10.0,
+        metadata=_option(
+            "milliseconds a decode step may wait for the other sessions stepping through the same blocks, to be "
+            "computed with them in one call (0: never wait)", type=float,
+        ),
+    )  # fmt: skip
     shared_memory: bool = dataclasses.field(
         default=True,
         metadata=_option("don't offer same-machine clients shared-memory transfers", flag="--no-shared-memory"),
@@ -129,11 +156,15 @@ class ServerConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision {self.matmul_precision!r} is not one of {MATMUL_PRECISIONS}")
-        positive = ("max_tokens", "max_request_mb", "request_timeout", "update_period", "max_queue")
-        for name in positive + (("throughput",) if self.throughput is not None else ()):
+        positive = (
+            "max_tokens", "max_request_mb", "request_timeout", "update_period", "max_queue", "inference_idle_timeout",
+            "session_timeout",
+        )  # fmt: skip
+        optional = ("throughput", "attn_cache_tokens", "inference_max_length")
+        for name in positive + tuple(name for name in optional if getattr(self, name) is not None):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("cache_mb", "cache_ttl"):
+        for name in ("cache_mb", "cache_ttl", "batch_wait_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
 
@@ -144,6 +175,10 @@ class ServerConfig:
     @property
     def cache_bytes(self) -> int:
         return int(self.cache_mb * 2**20)
+
+    def max_inference_length(self, grouped: bool) -> int:
+        """``inference_max_length``, or Petals' default."""
+        return self.inference_max_length or (8192 if grouped else 2048)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:

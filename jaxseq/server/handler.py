@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 # hivemind tells streaming handlers by their annotations' typing name: typing's AsyncIterator, not collections.abc's
 from typing import Any, AsyncIterator, TypeVar  # noqa: UP035
 
+import numpy as np
 import torch
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
@@ -26,15 +27,19 @@ from jaxseq.remote.protocol import ErrorKind, ProtocolError, Request
 from jaxseq.remote.shm import METADATA_KEY as SHARED_MEMORY_KEY
 from jaxseq.server import validation
 from jaxseq.server.activation_cache import CacheMiss
+from jaxseq.server.attention_cache import SessionCache
 from jaxseq.server.backend import BlockBackend
+from jaxseq.server.batching import StepBatcher
 from jaxseq.server.compute_queue import ComputeQueue
 from jaxseq.server.config import ServerConfig
+from jaxseq.server.sessions import SessionRegistry, StepReader
 from jaxseq.server.shm import ServerMappings, write
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _COMPRESSION_BY_CODE = {code: name for name, code in protocol.COMPRESSIONS.items()}
+_DUMMY = np.zeros(0, np.float32)  # Petals' dummy tensor: an argument given as None
 
 
 class TransformerConnectionHandler(ServicerBase):
@@ -58,8 +63,27 @@ class TransformerConnectionHandler(ServicerBase):
         self.request_timeout = config.request_timeout
         self.queue = ComputeQueue(config.max_queue)
         self.shared_memory = ServerMappings(max_bytes=config.max_request_bytes)
-        self.computed = {"forward": 0, "backward": 0}
+        self.computed = {"forward": 0, "backward": 0, "inference": 0}
+        # inference steps pushed on to the next server, and pushed steps queued for an open session here
+        self.pushes = {"sent": 0, "received": 0}
         self.allowed_clients = None if config.allowed_clients is None else frozenset(config.allowed_clients)
+        grouped = backend.cfg.num_key_value_heads < backend.cfg.num_attention_heads
+        self.batcher = StepBatcher(backend, self.queue, max_rows=config.max_tokens, wait_s=config.batch_wait_ms / 1000)
+        self.inference_max_length = config.max_inference_length(grouped)
+        self.idle_timeout = config.inference_idle_timeout
+        self.session_timeout = config.session_timeout
+        self.sessions = SessionRegistry()
+        self._p2p: Any = None  # for pushing outputs to the next server; set by add_p2p_handlers
+        self._pushes: set[asyncio.Task] = set()
+
+    async def add_p2p_handlers(self, p2p: Any, *args: Any, **kwargs: Any) -> None:
+        self._p2p = p2p
+        await super().add_p2p_handlers(p2p, *args, **kwargs)
+
+    @property
+    def cache_tokens_left(self) -> int:
+        """What is left of the attention cache, in Petals' unit (one token's keys, or values, in one block)."""
+        return 2 * self.backend.attention_cache.block_tokens_left
 
     # --- rpc_info ------------------------------------------------------------------------------
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
@@ -71,25 +95,31 @@ class TransformerConnectionHandler(ServicerBase):
         info = {
             "version": self.version,
             "dht_client_mode": False,
-            "cache_tokens_available": 0,
-            # jaxseq's own figures (Petals clients ignore them): requests computed by stage, the
-            # distinct (stage, span, shape bucket) block functions compiled so far, how often a backward
-            # found its forward's activations in the cache, and the model family and dtype served.
+            "cache_tokens_available": self.cache_tokens_left,
+            # jaxseq's own figures (Petals clients ignore them): requests computed by stage, inference
+            # steps pushed to the next server and received from the one before, the distinct (stage,
+            # span, shape bucket) block functions compiled so far, the computations of inference steps
+            # (several sessions' steps in one, when batched), how often a backward found its forward's
+            # activations in the cache, and the model family and dtype served.
             "jaxseq_computed": dict(self.computed),
+            "jaxseq_pushes": dict(self.pushes),
             "jaxseq_family": self.backend.cfg.family,
             "jaxseq_dtype": str(self.backend.dtype),
             "jaxseq_compiled": self.backend.compile_count,
+            "jaxseq_inference_calls": {"calls": self.batcher.calls, "steps": self.batcher.steps},
             "jaxseq_cache": {"hits": self.backend.cache.hits, "misses": self.backend.cache.misses},
         }
         if request.uid:
             self._served(request.uid)
             dtype = getattr(torch, str(self.backend.dtype))
             schema = BatchTensorDescriptor(1, 2048, self.limits.hidden_size, dtype=dtype)
+            prompts = BatchTensorDescriptor(len(self.backend.blocks), 1, 0, self.limits.hidden_size, dtype=dtype)
+            hypo_ids = BatchTensorDescriptor(1, dtype=torch.int64)
             info.update(
                 forward_schema=((schema,), {}),
                 outputs_schema=(schema,),
                 keyword_names=(),
-                inference_schema=((schema,), {}),
+                inference_schema=((schema, prompts, hypo_ids), {}),
             )
         return runtime_pb2.ExpertInfo(serialized_info=protocol.encode_metadata(info))
 
@@ -162,21 +192,163 @@ class TransformerConnectionHandler(ServicerBase):
         results = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
         return await self._reply(request, results, result_places, stream, timing, arrived)
 
+    # --- inference -----------------------------------------------------------------------------
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A session: the first request opens it (its metadata gives ``max_length`` and more, its tensors are
+        the first step), each further request is a step, and each step's reply is the span's outputs for
+        its positions. The attention cache is held from the first step to the end of the stream (or the
+        idle or session timeout, or a refused step)."""
+        with self._refusals("rpc_inference", context):
+            self._check_client(context)
+            try:
+                first = await asyncio.wait_for(requests.__anext__(), self.idle_timeout)
+            except (StopAsyncIteration, asyncio.TimeoutError):
+                return
+            start, end = self._served(first.uid)
+            metadata = protocol.decode_metadata(first.metadata)
+            self._check_metadata(metadata)
+            opening = validation.session_request(
+                metadata, first.tensors[0].size if first.tensors else (), self.inference_max_length
+            )
+            ends = time.monotonic() + self.session_timeout
+            session = await self.backend.open_session(
+                opening.batch, opening.max_length, start, end, opening.alloc_timeout
+            )
+            try:
+                with self.sessions.open(opening.session_id) as pushes:
+                    steps = StepReader(requests, pushes, self.idle_timeout, _step_id, ends)
+                    async for reply in self._session_steps(first, steps, session, start, end, opening):
+                        yield reply
+            finally:
+                session.close()
+
+    async def _session_steps(
+        self,
+        first: runtime_pb2.ExpertRequest,
+        steps: StepReader,
+        session: SessionCache,
+        start: int,
+        end: int,
+        opening: validation.SessionRequest,
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        request: runtime_pb2.ExpertRequest | None = first
+        iterator = steps.__aiter__()
+        while request is not None:
+            if request.tensors:
+                yield await self._inference_step(request, session, start, end, opening)
+            try:
+                request = await iterator.__anext__()
+            except StopAsyncIteration:
+                request = None
+
+    async def _inference_step(
+        self,
+        request: runtime_pb2.ExpertRequest,
+        session: SessionCache,
+        start: int,
+        end: int,
+        opening: validation.SessionRequest,
+    ) -> runtime_pb2.ExpertResponse:
+        arrived = time.perf_counter()
+        if self._served(request.uid) != (start, end):
+            raise ProtocolError(f"a step of this session must name blocks {start}:{end}, as its first request did")
+        metadata = protocol.decode_metadata(request.metadata)
+        self._check_metadata(metadata)
+        rollback = metadata.get("start_from_position")
+        if rollback is not None:
+            if not 0 <= rollback <= session.position:
+                raise ProtocolError(
+                    f"start_from_position {rollback} is outside the session's positions 0..{session.position}"
+                )
+            session.position = rollback
+        arrays = [protocol.deserialize(t) for t in request.tensors]
+        args = validation.unpack_args(arrays, metadata.get("args_structure"))
+        hidden, prompts, hypo_ids = validation.inference_step_inputs(
+            args, end - start, opening.batch, session.position, opening.max_length, self.limits
+        )
+        if hidden.shape[1] == 0:  # Petals clients may check a session with an empty step
+            out = hidden
+            timing = {"wait_s": 0.0, "compute_s": 0.0}
+        else:
+            out, timing = await self._timed(self.batcher.run(session, hidden, prompts, hypo_ids))
+            self.computed["inference"] += 1
+        (response,) = await self._reply(Request(request.uid, [], metadata), [out], None, False, timing, arrived)
+        if metadata.get("next_servers") and prompts.shape[2] == 0:
+            self._push_outputs(request, response.tensors[0], metadata)
+        return response
+
+    def _push_outputs(self, request: runtime_pb2.ExpertRequest, outputs: runtime_pb2.Tensor, metadata: dict) -> None:
+        """Send a step's outputs on to the next server's session (``next_servers``), as Petals' servers do: a
+        shortcut the client also takes itself, so a failed push only costs time."""
+        next_servers = metadata["next_servers"]
+        try:
+            peer, session_id, next_start, next_end = next_servers[0]
+            uids = protocol.span_uids(self.dht_prefix, int(next_start), int(next_end))
+            peer_id = PeerID.from_base58(peer)
+        except (ValueError, TypeError, IndexError) as error:
+            raise ProtocolError(
+                f"next_servers must list [peer_id, session_id, start, end], got {next_servers!r:.100}: {error}"
+            ) from None
+        pushed = runtime_pb2.ExpertRequest(
+            uid=uids, tensors=[outputs, *request.tensors[1:]],
+            metadata=protocol.encode_metadata(
+                {**metadata, "session_id": session_id, "next_servers": next_servers[1:], "pushed": True}
+            ),
+        )  # fmt: skip
+
+        async def push() -> None:
+            try:
+                await asyncio.wait_for(
+                    self._p2p.call_protobuf_handler(peer_id, protocol.RPC_PUSH, pushed, runtime_pb2.ExpertResponse),
+                    self.request_timeout,
+                )
+                self.pushes["sent"] += 1
+            except Exception as error:  # the client sends the step too: a failed push is only slower
+                logger.debug("pushing outputs to %s failed: %r", peer, error)
+
+        task = asyncio.ensure_future(push())
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A step pushed by the server before this one in a session's chain: queued for the session."""
+        with self._refusals("rpc_push", context):
+            self._check_client(context)
+            self._served(request.uid)
+            metadata = protocol.decode_metadata(request.metadata)
+            self._check_metadata(metadata)
+            session_id = metadata.get("session_id")
+            if not isinstance(session_id, str):
+                raise ProtocolError("a pushed step must name its session_id")
+            if self.sessions.push(session_id, request):
+                self.pushes["received"] += 1
+            else:
+                logger.debug("ignored a push to session %s: not open here, or its queue is full", session_id[:64])
+            return runtime_pb2.ExpertResponse()
+
     # --- helpers -------------------------------------------------------------------------------
     def _arrays(self, request: Request) -> tuple[list, list | None]:
         """The request's tensors, and where its results go: in its messages and in the reply's, or
         (see ``shm``) views of the client's shared memory and the places it made for the results."""
-        adapter = request.metadata.get("active_adapter")
-        if adapter:  # as a Petals server without that adapter does: refuse rather than compute without it
-            raise ProtocolError(f"adapter {str(adapter)[:100]!r} not found: this server serves no adapters")
+        self._check_metadata(request.metadata)
         spec = request.metadata.get(SHARED_MEMORY_KEY)
         if spec is None:
-            return request.arrays, None
+            arrays = validation.unpack_args(request.arrays, request.metadata.get("args_structure"))
+            return [_DUMMY if a is None else a for a in arrays], None
         if request.arrays or not isinstance(spec, dict):
             raise ProtocolError(
                 "a shared-memory request carries no tensors and names its segments in a map", ErrorKind.SHARED_MEMORY
             )
         return self.shared_memory.arrays(spec)
+
+    @staticmethod
+    def _check_metadata(metadata: dict) -> None:
+        validation.check_metadata(metadata)
+        adapter = metadata.get("active_adapter")
+        if adapter:  # as a Petals server without that adapter does: refuse rather than compute without it
+            raise ProtocolError(f"adapter {str(adapter)[:100]!r} not found: this server serves no adapters")
 
     async def _reply(
         self, request: Request, results: list, result_places: list | None, stream: bool, timing: dict, arrived: float
@@ -253,9 +425,21 @@ class TransformerConnectionHandler(ServicerBase):
             result = fn(*args)
             return result, self.backend.transfer_s - before
 
-        try:
-            (result, transfer_s), timing = await asyncio.wait_for(self.queue.run(computed, *args), self.request_timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"request took longer than the server's limit of {self.request_timeout} s") from None
+        (result, transfer_s), timing = await self._timed(self.queue.run(computed, *args))
         timing["compute_s"] -= transfer_s
         return result, timing
+
+    async def _timed(self, computation: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(computation, self.request_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"request took longer than the server's limit of {self.request_timeout} s") from None
+
+
+def _step_id(request: runtime_pb2.ExpertRequest) -> str | None:
+    """A step's ``step_id`` (Petals clients send one; a step pushed and sent both ways has the same)."""
+    try:
+        step_id = protocol.decode_metadata(request.metadata).get("step_id")
+    except ProtocolError:
+        return None
+    return step_id if isinstance(step_id, str) else None

@@ -63,15 +63,20 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     cfg, params = load_checkpoint(
         config.checkpoint, blocks=range(start, end), dtype=DTYPES[config.dtype], revision=config.revision
     )
-    backend = BlockBackend(cfg, params, start=start, cache_bytes=config.cache_bytes, cache_ttl=config.cache_ttl)
+    backend = BlockBackend(
+        cfg, params, start=start, cache_bytes=config.cache_bytes, cache_ttl=config.cache_ttl,
+        attn_cache_tokens=config.attn_cache_tokens,
+    )  # fmt: skip
     throughput = config.throughput or measure_throughput(backend)
     expiration = max(2 * config.update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS)
+
+    handler = TransformerConnectionHandler(backend, config, version=VERSION)
 
     def info(state: ServerState) -> ServerInfo:
         return ServerInfo(
             state=state, throughput=throughput, start_block=start, end_block=end, version=VERSION,
             forward_rps=throughput, torch_dtype=config.dtype, quant_type="none", using_relay=False,
-            cache_tokens_left=0, machine=shm.machine_id() if config.shared_memory else None,
+            cache_tokens_left=handler.cache_tokens_left, machine=shm.machine_id() if config.shared_memory else None,
             cached_backward=config.cache_mb > 0 and config.cache_ttl > 0, family=cfg.family,
         )  # fmt: skip
 
@@ -79,7 +84,6 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     node = dht.start_dht(initial_peers=list(config.initial_peers), host_maddrs=list(config.host_maddrs), **identity)
     p2p = await node.replicate_p2p()
     try:
-        handler = TransformerConnectionHandler(backend, config, version=VERSION)
         await handler.add_p2p_handlers(p2p)
 
         async def announce(state: ServerState) -> None:

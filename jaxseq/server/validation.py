@@ -6,6 +6,8 @@ handler turns it into an error reply and keeps serving.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,3 +83,131 @@ def backward_inputs(
     if grad_outputs.shape != inputs.shape:
         raise ProtocolError(f"grad outputs have shape {list(grad_outputs.shape)}, but inputs have {list(inputs.shape)}")
     return inputs, grad_outputs, prompts
+
+
+# --- metadata ------------------------------------------------------------------------------------
+_NUMBER = (int, float)
+# Keys of Petals' and jaxseq's request metadata -> the types their values may have. Unknown keys are
+# ignored (peers of other versions send keys of their own); a known key of the wrong type is refused.
+METADATA_TYPES: dict[str, tuple[type, ...]] = {
+    "points": _NUMBER,
+    "active_adapter": (str, type(None)),
+    "max_length": (int,),
+    "alloc_timeout": _NUMBER,
+    "session_id": (str,),
+    "step_id": (str,),
+    "start_from_position": (int,),
+    "pushed": (bool,),
+    "next_servers": (list, tuple),
+    "output_compression": (list, tuple, type(None)),
+    "args_structure": (list, tuple, type(None)),
+    "jaxseq_cache_id": (str,),
+    "jaxseq_inputs_cached": (bool,),
+    "jaxseq_shm": (dict,),
+}
+
+
+def check_metadata(metadata: dict) -> None:
+    """Refuse a request whose metadata gives a known key a value of the wrong type, naming the key.
+
+    Example:
+        >>> check_metadata({"points": "lots"})
+        Traceback (most recent call last):
+        ...
+        jaxseq.remote.protocol.ProtocolError: metadata key 'points' must be int or float, got str
+    """
+    for key, types in METADATA_TYPES.items():
+        if key not in metadata:
+            continue
+        value = metadata[key]
+        numeric = types in (_NUMBER, (int,))
+        if not isinstance(value, types) or (numeric and isinstance(value, bool)):
+            names = " or ".join(t.__name__ for t in types)
+            raise ProtocolError(f"metadata key {key!r} must be {names}, got {type(value).__name__}")
+
+
+def unpack_args(arrays: list[np.ndarray], args_structure: Any) -> list[np.ndarray | None]:
+    """The positional arguments of a request whose tensors a Petals client packed with ``args_structure``
+    (``[[b"__T0", b"__T1", ...], {}]``: each argument a tensor's index, or a plain value such as None);
+    without one, the tensors in order. Keyword arguments are refused: no RPC of this server takes any.
+
+    Example:
+        >>> a, b = np.zeros(2), np.ones(3)
+        >>> [x.shape for x in unpack_args([a, b], [[b"__T1", b"__T0"], {}])]
+        [(3,), (2,)]
+    """
+    if args_structure is None:
+        return list(arrays)
+    if not (isinstance(args_structure, (list, tuple)) and len(args_structure) == 2):
+        raise ProtocolError(f"args_structure must be [args, kwargs], got {args_structure!r:.80}")
+    args, kwargs = args_structure
+    if kwargs not in ({}, None):
+        raise ProtocolError(f"args_structure passes keyword arguments {kwargs!r:.80}; this server takes none")
+    if not isinstance(args, (list, tuple)):
+        raise ProtocolError(f"args_structure's arguments must be a list, got {args!r:.80}")
+    unpacked: list[np.ndarray | None] = []
+    for arg in args:
+        if arg is None:
+            unpacked.append(None)
+        elif isinstance(arg, bytes) and arg.startswith(b"__T") and arg[3:].isdigit() and int(arg[3:]) < len(arrays):
+            unpacked.append(arrays[int(arg[3:])])
+        else:
+            raise ProtocolError(
+                f"args_structure argument {arg!r:.40} is neither a tensor index of this request nor None"
+            )
+    return unpacked
+
+
+# --- inference ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SessionRequest:
+    """An inference session as its opening request asks for it."""
+
+    max_length: int
+    alloc_timeout: float
+    session_id: str | None
+    batch: int
+
+
+def session_request(metadata: dict, first_tensor_shape: Sequence[int], inference_max_length: int) -> SessionRequest:
+    """The session an ``rpc_inference`` stream opens: its ``max_length`` (required, within the server's
+    limit), ``alloc_timeout``, ``session_id`` and batch (the first tensor's first axis, as in Petals)."""
+    max_length = metadata.get("max_length")
+    if not isinstance(max_length, int) or isinstance(max_length, bool):
+        raise ProtocolError(f"an inference session's first request must give an int max_length, got {max_length!r:.40}")
+    if not 0 < max_length <= inference_max_length:
+        raise ProtocolError(f"max_length {max_length} is outside this server's 1..{inference_max_length}")
+    batch = int(first_tensor_shape[0]) if first_tensor_shape else 1
+    if not 0 < batch:
+        raise ProtocolError(f"an inference session needs a batch of at least one row, got {batch}")
+    return SessionRequest(max_length, float(metadata.get("alloc_timeout", 0.0)), metadata.get("session_id"), batch)
+
+
+def inference_step_inputs(
+    arrays: list[np.ndarray | None], n_blocks: int, batch: int, position: int, max_length: int, limits: Limits
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(hidden_states, prompts, hypo_ids)`` of one inference step: new hidden states for the session's
+    ``batch``, fitting within its ``max_length`` from ``position``; prompts or the dummy; hypo_ids (a
+    permutation-with-repeats of the rows, int64) or the dummy."""
+    if not 1 <= len(arrays) <= 3 or arrays[0] is None:
+        raise ProtocolError(
+            f"an inference step takes 1 to 3 tensors (hidden states, prompts, hypo_ids), got {len(arrays)}"
+        )
+    hidden = arrays[0]
+    prompts = arrays[1] if len(arrays) > 1 and arrays[1] is not None else np.zeros(0, np.float32)
+    prompts = _checked("hidden states", hidden, prompts, n_blocks, limits)
+    if hidden.shape[0] != batch:
+        raise ProtocolError(f"hidden states have {hidden.shape[0]} rows, but the session was opened for {batch}")
+    if position + hidden.shape[1] > max_length:
+        raise ProtocolError(
+            f"the step's {hidden.shape[1]} positions from position {position} exceed the session's max_length "
+            f"{max_length}"
+        )
+    hypo_ids = arrays[2] if len(arrays) > 2 else None
+    if hypo_ids is None or is_dummy(hypo_ids):
+        return hidden, prompts, None
+    if hypo_ids.dtype != np.int64 or hypo_ids.shape != (batch,):
+        raise ProtocolError(f"hypo_ids must be int64 [{batch}], got {hypo_ids.dtype} {list(hypo_ids.shape)}")
+    if hypo_ids.size and not 0 <= hypo_ids.min() <= hypo_ids.max() < batch:
+        raise ProtocolError(f"hypo_ids must be rows of the session's batch, 0..{batch - 1}")
+    return hidden, prompts, hypo_ids

@@ -24,10 +24,14 @@ class ServerProcess:
     """One ``jaxseq-server`` process; ``maddr`` is the multiaddr it printed when ready. ``env`` adds to
     (or overrides) this process's environment for it.
 
+    Used as a context manager, it SIGKILLs the server (and what it started) on leaving, whatever happened.
+
     Example:
-        >>> first = ServerProcess("llama-tiny", (0, 4), "tiny").wait_ready()           # doctest: +SKIP
-        >>> second = ServerProcess("llama-tiny", (2, 4), "tiny", [first.maddr]).wait_ready()  # doctest: +SKIP
-        >>> second.kill(); first.terminate()                                           # doctest: +SKIP
+        >>> with ServerProcess(checkpoint, (0, 4), "doc-llama").wait_ready() as server:
+        ...     server.maddr.startswith("/ip4/127.0.0.1/tcp/")
+        True
+        >>> server.process.returncode  # SIGKILLed on leaving the block
+        -9
     """
 
     def __init__(
@@ -73,6 +77,13 @@ class ServerProcess:
     def peer_id(self) -> str:
         """The server's peer id (base58)."""
         return self.maddr.rsplit("/p2p/", 1)[1]
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.returncode is None:
+            self.kill()
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
         """Wait for the ready line; on failure kill the server and raise with its log."""

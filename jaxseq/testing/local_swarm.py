@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,9 +29,10 @@ from jaxseq.client.routing import Span
 from jaxseq.models.config import ModelConfig
 from jaxseq.models.decoder import BlockParams
 from jaxseq.remote.records import ServerInfo, ServerRecord, ServerState
+from jaxseq.server.attention_cache import CacheFull, SessionCache
 from jaxseq.server.backend import BlockBackend
 
-STAGES = ("forward", "backward")
+STAGES = ("forward", "backward", "inference")
 
 
 @functools.cache
@@ -65,7 +67,8 @@ class EmulatedServer:
         return self.backend.end
 
     def fail_next(self, n: int = 1, stage: str = "forward") -> None:
-        """Make the next ``n`` calls of ``stage`` ("forward" or "backward") answer with an error."""
+        """Make the next ``n`` calls of ``stage`` ("forward", "backward" or "inference": a session's step)
+        answer with an error."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self._failures[stage] += n
@@ -101,7 +104,7 @@ class LocalSwarm:
         >>> swarm.servers[0].fail_next(1, stage="forward")
         >>> y = remote_sequential(x, None, manager)  # the failed call is retried, nothing is lost
         >>> swarm.servers[0].calls, manager.retries  # calls counts the failed one too
-        ({'forward': 2, 'backward': 0}, 1)
+        ({'forward': 2, 'backward': 0, 'inference': 0}, 1)
     """
 
     def __init__(
@@ -161,3 +164,52 @@ class LocalSequenceManager(SequenceManager):
         return await server.handle(
             "backward", server.backend.backward, x, prompts, grad_out, span.start, span.end, cache_id or None
         )
+
+    async def _open_server_session(self, span: Span, max_length: int, batch_size: int) -> LocalServerSession:
+        server = self._servers[span.peer]
+        if not server.alive:
+            raise ServerFailure(server.name, "connection refused (server is down)", reachable=False)
+        alloc_timeout = self.config.alloc_timeout
+        try:
+            cache = await server.backend.open_session(batch_size, max_length, span.start, span.end, alloc_timeout)
+        except CacheFull as error:
+            raise ServerFailure(server.name, str(error), reachable=True) from None
+        return LocalServerSession(server, span, cache)
+
+
+class LocalServerSession:
+    """An inference session on an ``EmulatedServer``: its backend's attention cache, used directly (each step
+    alone: the batching of concurrent sessions' steps is a real server's, ``jaxseq.server.batching``)."""
+
+    def __init__(self, server: EmulatedServer, span: Span, cache: SessionCache):
+        self.server, self.span, self.cache = server, span, cache
+        self.session_id = uuid.uuid4().hex
+
+    async def step(
+        self,
+        x: np.ndarray,
+        prompts: np.ndarray | None,
+        hypo_ids: np.ndarray | None,
+        *,
+        step_id: str,
+        start_from_position: int | None,
+        next_servers: list[tuple[str, str, int, int]],
+        timeout: float,
+    ) -> np.ndarray:
+        if start_from_position is not None:
+            self.cache.position = start_from_position
+        if prompts is None:
+            prompts = np.zeros((len(self.span), x.shape[0], 0, x.shape[2]), x.dtype)
+        step = asyncio.ensure_future(
+            self.server.handle("inference", self.server.backend.inference_step, self.cache, x, prompts, hypo_ids)
+        )
+        # the pages are given back only after the computation, even one that outlives its caller
+        self.cache.step_started()
+        step.add_done_callback(lambda _: self.cache.step_finished())
+        try:
+            return await asyncio.wait_for(asyncio.shield(step), timeout)
+        except asyncio.TimeoutError:
+            raise ServerFailure(self.server.name, f"no answer within {timeout:.1f} s", reachable=False) from None
+
+    async def close(self) -> None:
+        self.cache.close()

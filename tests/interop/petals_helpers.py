@@ -419,6 +419,51 @@ def petals_client_fwd_bwd(
     return json.loads(results[-1][len("RESULT ") :])
 
 
+_CLIENT_GENERATE = r"""
+import json, sys
+import torch, transformers, petals
+
+ckpt, peers, prefix, ids = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+max_new_tokens, num_beams = map(int, sys.argv[5:7])
+remote = petals.DistributedLlamaForCausalLM.from_pretrained(
+    ckpt, initial_peers=peers, dht_prefix=prefix, torch_dtype=torch.float32, max_retries=3, request_timeout=60
+)
+local = transformers.LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams, pad_token_id=0)
+ids = torch.tensor(ids)
+with torch.no_grad():
+    want = local.generate(ids, **options)
+    got = remote.generate(ids, **options)
+layers = remote.model.layers
+layers.sequence_manager.shutdown()
+layers.sequence_manager.dht.shutdown()  # explicit, or interpreter exit prints event-loop noise
+print("RESULT " + json.dumps(dict(remote=got.tolist(), local=want.tolist())), flush=True)
+"""
+
+
+def petals_client_generate(
+    python: str,
+    checkpoint: os.PathLike | str,
+    initial_peers: Sequence[str],
+    ids: Sequence[Sequence[int]],
+    *,
+    dht_prefix: str,
+    max_new_tokens: int = 16,
+    num_beams: int = 1,
+    timeout: float = 300.0,
+) -> dict:
+    """A real Petals client's ``generate`` (greedy, or beam search with ``num_beams``: it sends hypo_ids)
+    through the swarm, and the same ``generate`` of the local transformers model: ``{"remote", "local"}``."""
+    stdout = run_in_petals_venv(
+        python, _CLIENT_GENERATE, str(checkpoint), json.dumps(list(initial_peers)), dht_prefix,
+        json.dumps([list(map(int, row)) for row in ids]), str(max_new_tokens), str(num_beams), timeout=timeout,
+    )  # fmt: skip
+    results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if not results:
+        raise PetalsError(f"Petals client printed no RESULT line:\n{_tail(stdout)}")
+    return json.loads(results[-1][len("RESULT ") :])
+
+
 if __name__ == "__main__":  # manual check: build the venv and print its python
     found, why = find_petals_python()
     print(found or why)

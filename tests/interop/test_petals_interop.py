@@ -4,14 +4,22 @@ SIGKILL, and a Petals client through jaxseq servers. Every comparison is with a 
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
+import torch
+import transformers
 
 import jaxseq
 from jaxseq import RemoteSequenceManager
 from jaxseq.testing.launch import ServerProcess
 
 from helpers import assert_matches, random_inputs, rel_err, training_step
-from petals_helpers import petals_client_fwd_bwd, petals_server, write_tiny_checkpoint_with_petals_venv
+from petals_helpers import (
+    petals_client_fwd_bwd,
+    petals_client_generate,
+    petals_server,
+    write_tiny_checkpoint_with_petals_venv,
+)
 
 pytestmark = [pytest.mark.petals, pytest.mark.network]
 TOL = 1e-5
@@ -104,3 +112,71 @@ def test_petals_client_through_jaxseq_servers(petals_py, petals_checkpoint, jaxs
     assert result["first_block_change"] > 0.3, result  # blocks matter
     for key in ("rel_logits", "rel_grad_inputs_embeds", "rel_grad_lm_head", "rel_grad_norm"):
         assert result[key] < TOL, (key, result)
+
+
+# --- generation ---------------------------------------------------------------------------------
+IDS = [[5, 17, 3, 42, 8], [9, 1, 77, 23, 4]]
+
+
+@pytest.mark.parametrize("num_beams", [1, 2], ids=["greedy", "beam-search"])
+def test_petals_client_generates_through_jaxseq_servers(petals_py, petals_checkpoint, jaxseq_servers, num_beams):
+    """Petals' ``generate`` over jaxseq's ``rpc_inference`` (beam search sends hypo_ids) equals the same
+    ``generate`` of the local transformers model."""
+    path, _, _ = petals_checkpoint
+    first = jaxseq_servers(path, (0, 4), f"interop-gen{num_beams}", None)
+    jaxseq_servers(path, (4, 8), f"interop-gen{num_beams}", [first.maddr])
+    result = petals_client_generate(
+        petals_py, path, [first.maddr], IDS, dht_prefix=f"interop-gen{num_beams}", num_beams=num_beams
+    )
+    assert result["remote"] == result["local"], result
+    assert len(result["local"][0]) == len(IDS[0]) + 16
+    with RemoteSequenceManager([first.maddr], f"interop-gen{num_beams}") as manager:
+        # Petals' client named the next server in each step: the first server pushed its outputs there
+        assert manager.server_info(first.peer_id)["jaxseq_pushes"]["sent"] > 0
+
+
+def _want(path, ids: np.ndarray) -> np.ndarray:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return hf.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False).numpy()
+
+
+def test_jaxseq_generates_through_petals_servers(petals_py, petals_checkpoint, tmp_path):
+    path, _, _ = petals_checkpoint
+    ids = np.asarray(IDS)
+    with (
+        petals_server(petals_py, path, block_indices="0:4", dht_prefix="interop-pgen", log_dir=tmp_path) as first,
+        petals_server(
+            petals_py,
+            path,
+            block_indices="4:8",
+            dht_prefix="interop-pgen",
+            initial_peers=[first.maddr],
+            log_dir=tmp_path,
+        ),
+    ):
+        with RemoteSequenceManager([first.maddr], "interop-pgen", jaxseq.ClientConfig(**CLIENT)) as manager:
+            got = jaxseq.DistributedCausalLM(path, manager).generate(ids, max_new_tokens=16)
+        assert "rpc_inference" in first.log_tail(4000)
+    np.testing.assert_array_equal(got, _want(path, ids))
+
+
+@pytest.mark.parametrize("server_to_server", [True, False], ids=["with-rpc_push", "without-rpc_push"])
+@pytest.mark.parametrize("petals_first", [True, False], ids=["petals-then-jaxseq", "jaxseq-then-petals"])
+def test_mixed_chains_generate(petals_py, petals_checkpoint, jaxseq_servers, tmp_path, server_to_server, petals_first):
+    """A chain of a Petals server and a jaxseq server, in either order: jaxseq's ``generate`` equals
+    transformers', with servers pushing their outputs to the next one (Petals' ``next_servers``) or not."""
+    path, _, _ = petals_checkpoint
+    ids = np.asarray(IDS)
+    prefix = f"interop-mixed-{int(petals_first)}{int(server_to_server)}"
+    petals_blocks, our_blocks = ("0:4", (4, 8)) if petals_first else ("4:8", (0, 4))
+    with petals_server(petals_py, path, block_indices=petals_blocks, dht_prefix=prefix, log_dir=tmp_path) as petals:
+        ours = jaxseq_servers(path, our_blocks, prefix, [petals.maddr])
+        config = jaxseq.ClientConfig(server_to_server=server_to_server, **CLIENT)
+        with RemoteSequenceManager([petals.maddr], prefix, config) as manager:
+            got = jaxseq.DistributedCausalLM(path, manager).generate(ids, max_new_tokens=16)
+            pushes = manager.server_info(ours.peer_id)["jaxseq_pushes"]
+    np.testing.assert_array_equal(got, _want(path, ids))
+    if not petals_first:  # the jaxseq server pushed its outputs on to Petals' when the client named it
+        assert (pushes["sent"] > 0) == server_to_server, pushes
+    # (a Petals 2.2 server pushes with its session's opening metadata, which names no next server when the
+    # client is jaxseq's: see docs/protocol.md)

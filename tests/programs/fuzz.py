@@ -24,7 +24,8 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from jaxseq.remote import protocol
 
-WELL_FORMED = ("valid", "ignorable metadata")  # kinds a server must answer normally
+WELL_FORMED = ("valid", "ignorable metadata", "inference valid", "push to no session")  # answered normally
+MAY_BE_REFUSED = ("inference flood",)  # well-formed sessions that may find the attention cache full
 
 
 def _tensor(rng: random.Random, shape, dtype=np.float32, fill=None) -> runtime_pb2.Tensor:
@@ -154,6 +155,9 @@ class Fuzzer:
                             MSGPackSerializer.dumps([1, 2]),
                             MSGPackSerializer.dumps({"output_compression": r.choice(["x", [99], [1, 2, 3]])}),
                             MSGPackSerializer.dumps({"active_adapter": "lora-we-do-not-have"}),
+                            MSGPackSerializer.dumps({"points": "many"}),
+                            MSGPackSerializer.dumps({"args_structure": "xxxxxxxxxx"}),
+                            MSGPackSerializer.dumps({protocol.CACHE_ID_KEY: 1}),
                         ]
                     ),
                 ),
@@ -168,8 +172,9 @@ class Fuzzer:
                         r.choice(
                             [
                                 {"output_compression": None},
-                                {protocol.CACHE_ID_KEY: r.choice([1, "y" * 999, ""])},
-                                {"points": "many", "unknown": [1]},
+                                {protocol.CACHE_ID_KEY: r.choice(["y" * 999, ""])},
+                                {"points": 3.5, "unknown": [1]},
+                                {"args_structure": [[b"__T0"], {}]},
                             ]
                         )
                     ),
@@ -197,7 +202,81 @@ class Fuzzer:
             "truncated stream": lambda r: (protocol.RPC_FORWARD_STREAM, self._truncated(r)),
             "stream random bytes": lambda r: (protocol.RPC_BACKWARD_STREAM, os.urandom(r.randint(0, 4096))),
             "valid": lambda r: (fwd, req(self.uids(r), [self.hidden_states(r)])),
+            "inference valid": lambda r: (protocol.RPC_INFERENCE, (self._session(r, self._steps(r)), 0.0)),
+            "inference bad opening": lambda r: (protocol.RPC_INFERENCE, (self._bad_opening(r), 0.0)),
+            "inference bad step": lambda r: (protocol.RPC_INFERENCE, (self._bad_step(r), 0.0)),
+            "inference flood": lambda r: (
+                protocol.RPC_INFERENCE,
+                (self._session(r, [self._hidden(r, 1, 2)], {"max_length": 8}), 0.5),
+            ),  # fmt: skip
+            "push to no session": lambda r: (
+                protocol.RPC_PUSH,
+                req(self.uids(r), [self.hidden_states(r)], MSGPackSerializer.dumps({"session_id": f"s{r.random()}"})),
+            ),
+            "push garbage": lambda r: (
+                protocol.RPC_PUSH,
+                req(self.uids(r), [self.hidden_states(r)], MSGPackSerializer.dumps(r.choice([{}, {"session_id": 5}]))),
+            ),
         }
+
+    # --- inference sessions: (requests, seconds to hold the stream open after the replies) -----
+    def _hidden(self, rng: random.Random, batch: int, seq: int) -> runtime_pb2.Tensor:
+        return _tensor(rng, (batch, seq, self.hidden))
+
+    def _steps(self, rng: random.Random) -> list[runtime_pb2.Tensor]:
+        return [self._hidden(rng, 1, rng.randint(1, 4))] + [self._hidden(rng, 1, 1) for _ in range(rng.randint(0, 3))]
+
+    def _session(
+        self, rng: random.Random, steps: list, opening: dict | None = None, last: tuple | None = None
+    ) -> list[runtime_pb2.ExpertRequest]:
+        """A session over all blocks: the opening (with ``opening`` metadata) and its steps, each a hidden
+        states tensor (or ``last``: tensors and metadata of a final step), then Petals' "done"."""
+        uids = protocol.span_uids(self.prefix, 0, self.num_blocks)
+        # a well-behaved session waits for room in the attention cache, which floods fill
+        default = {"max_length": 8, "alloc_timeout": 5.0, "session_id": f"{rng.random()}"}
+        metadata = opening if opening is not None else default
+        requests = [
+            runtime_pb2.ExpertRequest(
+                uid=uids, tensors=[step], metadata=MSGPackSerializer.dumps(metadata if i == 0 else {"step_id": str(i)})
+            )
+            for i, step in enumerate(steps)
+        ]
+        if last is not None:
+            tensors, step_metadata = last
+            requests.append(
+                runtime_pb2.ExpertRequest(uid=uids, tensors=tensors, metadata=MSGPackSerializer.dumps(step_metadata))
+            )
+        return requests + [runtime_pb2.ExpertRequest()]
+
+    def _bad_opening(self, rng: random.Random) -> list[runtime_pb2.ExpertRequest]:
+        opening = rng.choice(
+            [{}, {"max_length": 10**9}, {"max_length": -1}, {"max_length": "x"}, {"max_length": 8, "session_id": 5},
+             {"max_length": 8, "alloc_timeout": "soon"}, {"max_length": 8, "points": "lots"}]
+        )  # fmt: skip
+        return self._session(rng, [self._hidden(rng, 1, 2)], opening)
+
+    def _bad_step(self, rng: random.Random) -> list[runtime_pb2.ExpertRequest]:
+        H = self.hidden
+        bad = rng.choice(
+            [
+                ([_tensor(rng, (1, 1, H + 1))], {}),  # another hidden size
+                ([_tensor(rng, (2, 1, H))], {}),  # another batch than the session's
+                ([_tensor(rng, (1, 9, H))], {}),  # past max_length
+                ([_tensor(rng, (1, 1, H), fill=np.nan)], {}),
+                (
+                    [_tensor(rng, (1, 1, H)), protocol.serialize(None), protocol.serialize(np.array([5]))],
+                    {},
+                ),  # hypo_ids
+                ([_tensor(rng, (1, 1, H)), protocol.serialize(None), protocol.serialize(np.array([0.0]))], {}),
+                ([_tensor(rng, (1, 1, H))], {"start_from_position": 99}),
+                (
+                    [_tensor(rng, (1, 1, H)), _tensor(rng, (self.num_blocks, 1, 3, H))],
+                    {},
+                ),  # prompts longer than the step
+                ([_tensor(rng, (1, 1, H))], {"next_servers": [["not-a-peer", "s", 0, 1]]}),
+            ]
+        )
+        return self._session(rng, [self._hidden(rng, 1, 2)], last=bad)
 
     def _truncated(self, rng: random.Random) -> list[runtime_pb2.ExpertRequest]:
         tensor = self.hidden_states(rng, 4, 64)
@@ -232,7 +311,27 @@ async def _send(p2p: P2P, peer: PeerID, rpc: str, payload, timeout: float) -> st
         finally:
             writer.close()
 
+    async def session() -> str:
+        """An inference session: every step's reply must come (an error reply ends it), then the stream is
+        held open ``hold`` seconds more, as a client between its steps."""
+        requests, hold = payload
+        _, reader, writer = await p2p.call_binary_stream_handler(peer, rpc)
+        try:
+            for request in requests:
+                await P2P.send_protobuf(request, writer)
+            await writer.drain()
+            for _ in [r for r in requests if r.tensors]:
+                response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+                if error is not None:
+                    return "error"
+            await asyncio.sleep(hold)
+            return "ok"
+        finally:
+            writer.close()
+
     try:
+        if rpc == protocol.RPC_INFERENCE:
+            return await asyncio.wait_for(session(), timeout)
         return await asyncio.wait_for(stream() if rpc.endswith("_stream") else unary(), timeout)
     except asyncio.TimeoutError:
         return "timeout"
