@@ -183,15 +183,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed generate calls per row (default 3)")
     parser.add_argument("--no-petals", action="store_true", help="leave out the Petals rows")
     args = parser.parse_args()
-    python, no_petals_reason = (None, "--no-petals") if args.no_petals else petals_swarm.find_petals_python()
+    python, no_petals_reason = petals_swarm.python_unless(args.no_petals)
 
     rows: list[Row] = []
     concurrency: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if python is not None:
-            checkpoint = petals_swarm.write_checkpoint(python, Path(tmp) / "llama")
-        else:
-            checkpoint = jaxseq.random_checkpoint(f"{tmp}/llama", CFG, seed=0)
+        checkpoint = petals_swarm.write_checkpoint(python, Path(tmp) / "llama")
         cfg, params = jaxseq.load_checkpoint(checkpoint)
         local = local_generate(cfg, params, jaxseq.load_head(checkpoint))
         want = {batch: local(prompt_ids(batch)) for batch in BATCHES}

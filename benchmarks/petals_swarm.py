@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import jaxseq
+
 from common import BATCH, CFG, PROMPT_LEN, SEQ
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
@@ -19,7 +21,7 @@ from petals_helpers import (  # noqa: E402
     write_tiny_checkpoint_with_petals_venv,
 )
 
-__all__ = ["find_petals_python", "petals_row", "write_checkpoint"]
+__all__ = ["petals_row", "python_unless", "write_checkpoint"]
 
 # Runs in the Petals venv: median step time through the Petals swarm and of the same blocks locally in torch.
 _PETALS_STEPS = r"""
@@ -98,8 +100,16 @@ def petals_row(python: str, checkpoint: Path, spans, steps: int, prefix: str, lo
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def write_checkpoint(python: str, path: Path) -> Path:
-    """The benchmark's model (``common.CFG``, random float32 weights), written by the Petals venv."""
+def python_unless(no_petals: bool) -> tuple[str | None, str]:
+    """The Petals venv's python (None with the reason, also when ``no_petals``: the ``--no-petals`` flag)."""
+    return (None, "--no-petals") if no_petals else find_petals_python()
+
+
+def write_checkpoint(python: str | None, path: Path) -> Path:
+    """The benchmark's model (``common.CFG``, random float32 weights), written by the Petals venv (so that
+    Petals and jaxseq load the very same file), or by jaxseq when there is no Petals venv (``python`` None)."""
+    if python is None:
+        return jaxseq.random_checkpoint(path, CFG, seed=0)
     return write_tiny_checkpoint_with_petals_venv(
         python,
         path,

@@ -110,14 +110,11 @@ def main() -> None:
     parser.add_argument("--wire-calls", type=int, default=5, help="timed calls per wire figure (default 5)")
     parser.add_argument("--no-petals", action="store_true", help="leave out the Petals rows")
     args = parser.parse_args()
-    python, no_petals_reason = (None, "--no-petals") if args.no_petals else petals_swarm.find_petals_python()
+    python, no_petals_reason = petals_swarm.python_unless(args.no_petals)
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
-        if python is not None:
-            checkpoint = petals_swarm.write_checkpoint(python, Path(tmp) / "llama")
-        else:
-            checkpoint = jaxseq.random_checkpoint(f"{tmp}/llama", CFG, seed=0)
+        checkpoint = petals_swarm.write_checkpoint(python, Path(tmp) / "llama")
         cfg, params = jaxseq.load_checkpoint(checkpoint)
         x, prompts = inputs(cfg)
         local_step = training_step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))

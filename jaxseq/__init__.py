@@ -1,8 +1,12 @@
-"""jaxseq: train through a swarm of servers that each host a span of Llama blocks, from JAX and Flax.
+"""jaxseq: train and generate through a swarm of servers that each host a span of a model's blocks, from JAX
+and Flax.
 
-The data path: ``DistributedLlama`` (Flax NNX) -> ``remote_sequential`` (a ``jax.custom_vjp``) -> host
+The data path: ``DistributedCausalLM`` (Flax NNX) -> ``remote_sequential`` (a ``jax.custom_vjp``) -> host
 callback -> the chain and the sequence manager (routing, retries, bans) -> the wire (Petals 2.2's
-protocol) -> a server -> the blocks. The package is laid out by the process that runs the code:
+protocol) -> a server -> the blocks. Generation: ``DistributedCausalLM.generate`` -> an inference session
+(the servers keep the attention caches) -> the sequence manager and the wire, as above.
+
+The package is laid out by the process that runs the code:
 ``jaxseq.client`` (the user's process), ``jaxseq.server`` (a ``jaxseq-server``), ``jaxseq.models``
 and ``jaxseq.remote`` (both sides: model math, checkpoints and the wire), ``jaxseq.testing`` (an
 in-process swarm, a server launcher) and ``jaxseq.cli``.

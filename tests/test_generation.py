@@ -115,10 +115,17 @@ def test_a_server_failing_mid_generation_loses_no_token(swarm_model):
     assert other.calls["inference"] > 0  # the replacement was given the history and continued
 
 
-def test_deep_prompts_apply_in_generation_as_in_training(checkpoint, swarm_model):
-    """A deep-prompt-tuned model generates what the blocks, run locally with the same prompts, choose."""
+@pytest.mark.parametrize("through", ["LocalSwarm", pytest.param("servers", marks=pytest.mark.network)])
+def test_deep_prompts_apply_in_generation_as_in_training(checkpoint, request, through):
+    """A deep-prompt-tuned model generates what the blocks, run locally with the same prompts, choose: in
+    process, and through two real servers with overlapping spans (each span is sent its blocks' prompts)."""
     path, cfg, params = checkpoint
-    _, manager, _ = swarm_model
+    if through == "LocalSwarm":
+        _, manager, _ = request.getfixturevalue("swarm_model")
+    else:
+        servers, prefix = request.getfixturevalue("start_servers")([(0, 3), (1, 4)])
+        manager = jaxseq.RemoteSequenceManager([servers[0].maddr], prefix)
+        request.addfinalizer(manager.close)
     model = jaxseq.DistributedCausalLM(path, manager, tuning_mode="deep_ptune", prompt_len=3)
     model.deep_prompts[...] = 0.5 * jax.random.normal(jax.random.key(3), model.deep_prompts[...].shape)
     ids = _ids(2, 4, seed=4)
