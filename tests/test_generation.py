@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -284,7 +286,9 @@ with jaxseq.RemoteSequenceManager([{servers[0].maddr!r}], {prefix!r}) as m:
             assert client.stdout is not None and client.stdout.readline().strip() == "STEPPED"
             assert left() == 0
         finally:
-            client.kill()
+            # its whole process group: hivemind runs the client's DHT in a forked child (with its own p2pd),
+            # which killing the client's PID alone leaves running
+            os.killpg(client.pid, signal.SIGKILL)
             client.wait(timeout=30)
         assert _eventually(lambda: left() == full, timeout=10)
 
