@@ -108,7 +108,7 @@ def parse_span_uids(uids: str, dht_prefix: str) -> tuple[int, int]:
 # Uncompressed tensors are written and read here, straight from and into numpy's buffers, in
 # hivemind's exact format (raw little-endian bytes; bfloat16 as hivemind sends it); hivemind's
 # torch round trip made about ten copies of every tensor. Compressed ones go through hivemind.
-_DUMMY = np.empty(0, np.float32)  # Petals' dummy tensor: torch.empty(0)
+DUMMY = np.empty(0, np.float32)  # Petals' dummy tensor: torch.empty(0)
 
 
 @contextlib.contextmanager
@@ -137,7 +137,7 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _encode(array: np.ndarray | None, compression: str) -> tuple[dict, Any]:
     """A tensor message's header fields, and its payload (a buffer)."""
-    array = _DUMMY if array is None else np.ascontiguousarray(array)
+    array = DUMMY if array is None else np.ascontiguousarray(array)
     if compression == "none" or not is_floating(array.dtype) or array.size == 0:  # hivemind can't compress empty
         name = dtype_name(array.dtype)
         if name == "bfloat16":  # as hivemind sends it: widened to float32 by default (older peers expect that)

@@ -125,10 +125,6 @@ class SessionCache:
         """Positions the session's pages hold (``max_length``, rounded up to whole pages)."""
         return self.pages.shape[2] * PAGE_TOKENS
 
-    @property
-    def block_tokens(self) -> int:
-        return self.pages.size * PAGE_TOKENS
-
     def step_started(self) -> None:
         self.in_flight += 1
 

@@ -119,9 +119,7 @@ class BlockBackend:
             filled = (jnp.arange(length) < positions[:, None])[:, None, :, None]
 
             def gathered(a, table):
-                heads_first = jnp.swapaxes(
-                    jax.lax.optimization_barrier(a[table]), 1, 2
-                )  # [rows, kv, pages, PAGE_TOKENS, d]
+                heads_first = jnp.swapaxes(a[table], 1, 2)  # [rows, kv, pages, PAGE_TOKENS, d]
                 return jnp.where(filled, heads_first.reshape(rows, a.shape[1], length, a.shape[3]), 0)
 
             caches = [(gathered(k, table), gathered(v, table)) for (k, v), table in zip(pages, tables)]

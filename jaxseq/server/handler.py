@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Iterator
 # hivemind tells streaming handlers by their annotations' typing name: typing's AsyncIterator, not collections.abc's
 from typing import Any, AsyncIterator, TypeVar  # noqa: UP035
 
-import numpy as np
 import torch
 from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
@@ -39,7 +38,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _COMPRESSION_BY_CODE = {code: name for name, code in protocol.COMPRESSIONS.items()}
-_DUMMY = np.zeros(0, np.float32)  # Petals' dummy tensor: an argument given as None
 
 
 class TransformerConnectionHandler(ServicerBase):
@@ -336,7 +334,7 @@ class TransformerConnectionHandler(ServicerBase):
         spec = request.metadata.get(SHARED_MEMORY_KEY)
         if spec is None:
             arrays = validation.unpack_args(request.arrays, request.metadata.get("args_structure"))
-            return [_DUMMY if a is None else a for a in arrays], None
+            return [protocol.DUMMY if a is None else a for a in arrays], None
         if request.arrays or not isinstance(spec, dict):
             raise ProtocolError(
                 "a shared-memory request carries no tensors and names its segments in a map", ErrorKind.SHARED_MEMORY

@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxseq.arrays import all_finite
 from jaxseq.models.inputs import check_span_inputs
-from jaxseq.remote.protocol import ProtocolError, is_dummy
+from jaxseq.remote.protocol import DUMMY, ProtocolError, is_dummy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def forward_inputs(arrays: list[np.ndarray], n_blocks: int, limits: Limits) -> t
     if len(arrays) not in (1, 2):
         raise ProtocolError(f"forward takes 1 or 2 tensors (hidden states, prompts), got {len(arrays)}")
     hidden = arrays[0]
-    prompts = arrays[1] if len(arrays) == 2 else np.zeros(0, np.float32)
+    prompts = arrays[1] if len(arrays) == 2 else DUMMY
     return hidden, _checked("hidden states", hidden, prompts, n_blocks, limits)
 
 
@@ -67,7 +67,7 @@ def cached_backward_inputs(arrays: list[np.ndarray], n_blocks: int, limits: Limi
     """The grad outputs of a backward whose inputs are its cached forward's (``jaxseq_inputs_cached``)."""
     if len(arrays) != 1:
         raise ProtocolError(f"a backward of a cached forward takes 1 tensor (grad outputs), got {len(arrays)}")
-    _checked("grad outputs", arrays[0], np.zeros(0, np.float32), n_blocks, limits)
+    _checked("grad outputs", arrays[0], DUMMY, n_blocks, limits)
     return arrays[0]
 
 
@@ -78,8 +78,8 @@ def backward_inputs(
     if len(arrays) not in (2, 3):
         raise ProtocolError(f"backward takes 2 or 3 tensors (inputs, grad outputs, prompts), got {len(arrays)}")
     inputs, grad_outputs = arrays[0], arrays[1]
-    prompts = _checked("inputs", inputs, arrays[2] if len(arrays) == 3 else np.zeros(0, np.float32), n_blocks, limits)
-    _checked("grad outputs", grad_outputs, np.zeros(0, np.float32), n_blocks, limits)
+    prompts = _checked("inputs", inputs, arrays[2] if len(arrays) == 3 else DUMMY, n_blocks, limits)
+    _checked("grad outputs", grad_outputs, DUMMY, n_blocks, limits)
     if grad_outputs.shape != inputs.shape:
         raise ProtocolError(f"grad outputs have shape {list(grad_outputs.shape)}, but inputs have {list(inputs.shape)}")
     return inputs, grad_outputs, prompts
@@ -194,7 +194,7 @@ def inference_step_inputs(
             f"an inference step takes 1 to 3 tensors (hidden states, prompts, hypo_ids), got {len(arrays)}"
         )
     hidden = arrays[0]
-    prompts = arrays[1] if len(arrays) > 1 and arrays[1] is not None else np.zeros(0, np.float32)
+    prompts = arrays[1] if len(arrays) > 1 and arrays[1] is not None else DUMMY
     prompts = _checked("hidden states", hidden, prompts, n_blocks, limits)
     if hidden.shape[0] != batch:
         raise ProtocolError(f"hidden states have {hidden.shape[0]} rows, but the session was opened for {batch}")

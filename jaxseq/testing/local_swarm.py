@@ -199,7 +199,7 @@ class LocalServerSession:
         if start_from_position is not None:
             self.cache.position = start_from_position
         if prompts is None:
-            prompts = np.zeros((len(self.span), x.shape[0], 0, x.shape[2]), x.dtype)
+            prompts = self.server.backend.no_prompts(self.cache)
         step = asyncio.ensure_future(
             self.server.handle("inference", self.server.backend.inference_step, self.cache, x, prompts, hypo_ids)
         )
