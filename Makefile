@@ -28,7 +28,9 @@ lint: $(STAMP)
 
 # The interop tests run against a real Petals 2.2 in its own venv (its pins clash with ours). Exit code 3
 # means the package index is unreachable: those tests then skip, saying so; any other failure fails.
+# The monitor's browser test needs Chromium, installed from Debian's packages where this machine allows.
 # pytest also runs every docstring example (--doctest-modules over jaxseq and bridges).
 test: lint
 	bash tests/interop/petals_venv.sh || { rc=$$?; [ $$rc -eq 3 ] || exit $$rc; echo "PETALS VENV UNAVAILABLE: interop tests will skip" >&2; }
+	bash tests/browser.sh
 	$(BIN)/python -m pytest

@@ -24,11 +24,18 @@ SIDES = {
     "jaxseq.remote": "both",
     "jaxseq.arrays": "both",
     "jaxseq.memory": "both",
+    "jaxseq.web": "web",
     "jaxseq.testing": "support",
     "jaxseq.cli": "support",
 }
 # What each side may import from the others (support code may import anything).
-ALLOWED = {"client": {"client", "both"}, "server": {"server", "both"}, "both": {"both"}}
+# A web process (``jaxseq monitor``, ``jaxseq serve-api``) is a client of the swarm that serves HTTP.
+ALLOWED = {
+    "client": {"client", "both"},
+    "server": {"server", "both"},
+    "both": {"both"},
+    "web": {"web", "client", "both"},
+}
 # The one exception, declared: ``jaxseq.remote.RemoteSequenceManager`` is a lazy accessor kept for code
 # written before the layout; it imports the client only when that name is used.
 EXCEPTIONS = {("jaxseq.remote", "jaxseq.client.remote_manager")}

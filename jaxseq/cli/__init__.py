@@ -1,4 +1,4 @@
-"""The ``jaxseq`` command: ``jaxseq demo`` and ``jaxseq swarm``."""
+"""The ``jaxseq`` command: ``jaxseq demo``, ``generate``, ``swarm``, ``monitor`` and ``serve-api``."""
 
 from __future__ import annotations
 
@@ -43,7 +43,33 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
     swarm.add_argument("--dht-prefix", required=True, help="the model's name in the swarm")
     swarm.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the swarm")
+
+    monitor = commands.add_parser("monitor", help="a live web page of the swarm: who holds which blocks, and how")
+    _swarm_options(monitor, port=8000)
+    monitor.add_argument("--refresh", type=float, default=5.0, help="seconds between looks at the swarm (default 5)")
+    monitor.add_argument(
+        "--forget-after", type=float, default=600.0, help="seconds a gone server stays on the page (default 600)"
+    )
+
+    api = commands.add_parser(
+        "serve-api", help="an OpenAI-compatible API (completions, chat) generating through the swarm"
+    )
+    _swarm_options(api, port=8001)
+    api.add_argument("--checkpoint", required=True, help="the checkpoint the swarm serves (folder or hub id)")
+    api.add_argument("--model-name", help="the model's id in the API (default: the dht prefix)")
+    api.add_argument("--max-sessions", type=int, default=8, help="requests generating at once (default 8)")
+    api.add_argument("--max-tokens-limit", type=int, default=1024, help="most tokens per request (default 1024)")
     return parser
+
+
+def _swarm_options(command: argparse.ArgumentParser, port: int) -> None:
+    """The options of a command that serves HTTP about a swarm."""
+    command.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
+    command.add_argument("--dht-prefix", required=True, help="the model's name in the swarm")
+    command.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    command.add_argument(
+        "--port", type=int, default=port, help=f"port to listen on, 0 for any free one (default {port})"
+    )
 
 
 def _swarm(args: argparse.Namespace) -> int:
@@ -73,6 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.initial_peers, args.dht_prefix, args.checkpoint, args.prompt, args.max_new_tokens,
                 do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
             )  # fmt: skip
+            return 0
+        if args.command == "monitor":
+            from jaxseq.cli.web import run_monitor
+
+            run_monitor(args)
+            return 0
+        if args.command == "serve-api":
+            from jaxseq.cli.web import run_api
+
+            run_api(args)
             return 0
         return _swarm(args)
     except KeyboardInterrupt:

@@ -87,7 +87,7 @@ def generate(
     key: jax.Array | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
-    on_tokens: Callable[[np.ndarray], None] | None = None,
+    on_tokens: Callable[[np.ndarray], bool | None] | None = None,
 ) -> np.ndarray:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` with ``model`` (a ``DistributedCausalLM``).
 
@@ -95,7 +95,7 @@ def generate(
     ``do_sample``, sampled from the warped logits (see ``warp``) with ``key`` (reproducible for a given
     key). A row that has produced an ``eos_token_id`` continues with ``pad_token_id`` (default: the first
     eos id), and generation stops when every row has. ``on_tokens`` is called with each step's new tokens
-    ``[batch]`` (for streaming).
+    ``[batch]`` (for streaming); when it returns True, generation ends there (a stop string, a client gone).
 
     Raises:
         ValueError: bad ids or options (the message says which).
@@ -124,10 +124,9 @@ def generate(
             )
             tokens = np.asarray(chosen).astype(ids.dtype)
             generated.append(tokens)
-            if on_tokens is not None:
-                on_tokens(tokens)
+            stop = on_tokens(tokens) if on_tokens is not None else False
             unfinished &= ~np.isin(tokens, eos)
-            if not unfinished.any() or len(generated) == max_new_tokens:
+            if stop or not unfinished.any() or len(generated) == max_new_tokens:
                 break
             out = session.step(np.asarray(embedded))
     return np.concatenate([ids, np.stack(generated, axis=1)], axis=1)

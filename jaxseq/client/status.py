@@ -13,7 +13,8 @@ from jaxseq.client.remote_manager import RemoteSequenceManager
 
 @dataclasses.dataclass(frozen=True)
 class ServerStatus:
-    """One server as ``jaxseq swarm`` shows it; ``latency`` is None when it did not answer."""
+    """One server as ``jaxseq swarm`` and ``jaxseq monitor`` show it: what it announced in the DHT, and
+    ``latency``, the round trip of a call from here (None when it did not answer)."""
 
     peer: str
     start: int
@@ -22,6 +23,11 @@ class ServerStatus:
     throughput: float
     version: str
     latency: float | None
+    cache_tokens_left: int | None = None
+    family: str | None = None
+    dtype: str | None = None
+    adapters: tuple[str, ...] = ()
+    public_name: str | None = None
 
 
 async def _collect(manager: RemoteSequenceManager) -> list[ServerStatus]:
@@ -29,7 +35,20 @@ async def _collect(manager: RemoteSequenceManager) -> list[ServerStatus]:
     records = sorted(manager.records, key=lambda r: (r.start, r.end, r.peer))
     latencies = await asyncio.gather(*(manager.ping(r.peer) for r in records))
     return [
-        ServerStatus(r.peer, r.start, r.end, r.info.state.name, r.info.throughput, r.info.version or "", latency)
+        ServerStatus(
+            r.peer,
+            r.start,
+            r.end,
+            r.info.state.name,
+            r.info.throughput,
+            r.info.version or "",
+            latency,
+            r.info.cache_tokens_left,
+            r.info.family,
+            r.info.torch_dtype,
+            r.info.adapters,
+            r.info.public_name,
+        )  # fmt: skip
         for r, latency in zip(records, latencies)
     ]
 

@@ -1,7 +1,8 @@
-"""Start ``jaxseq-server`` processes from Python (the demo and the tests use it).
+"""Start ``jaxseq-server`` processes, and other ``jaxseq`` commands that serve, from Python (the demo and the
+tests use it).
 
-Each server runs in its own process group, so that ``kill`` ends it and everything it started
-(its DHT process and p2pd) by PID, as a machine dying would.
+Each process runs in its own process group, so that ``kill`` ends it and everything it started (a server's
+DHT process and p2pd) by PID, as a machine dying would.
 """
 
 from __future__ import annotations
@@ -15,23 +16,118 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO
+from typing import IO, TypeVar
 
 READY = "jaxseq server ready: "
 
+Launched = TypeVar("Launched", bound="LaunchedProcess")
 
-class ServerProcess:
+
+class LaunchedProcess:
+    """A process started in its own group, ready once it prints a line starting with ``ready``; ``announced``
+    is the rest of that line. Its stderr goes to a log file (``log_tail``). Used as a context manager, it
+    SIGKILLs the process (and what it started) on leaving, whatever happened.
+
+    Example:
+        >>> code = "import time; print('up at here', flush=True); time.sleep(60)"
+        >>> with LaunchedProcess([sys.executable, "-c", code], ready="up at ").wait_ready() as process:
+        ...     process.announced
+        'here'
+        >>> process.process.returncode  # SIGKILLed on leaving the block
+        -9
+    """
+
+    def __init__(self, args: Sequence[str], ready: str, env: Mapping[str, str] | None = None, name: str | None = None):
+        self.ready, self.name = ready, name or os.path.basename(args[0])
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"{self.name}-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
+        )  # fmt: skip
+        if self.process.stdout is None:
+            raise RuntimeError("the process's stdout is not a pipe")  # Popen(stdout=PIPE) always makes one
+        self._stdout: IO[str] = self.process.stdout
+        self._announced: str | None = None
+
+    @property
+    def announced(self) -> str:
+        """The rest of the ready line."""
+        if self._announced is None:
+            raise RuntimeError(f"{self.name} is not ready yet: call wait_ready() first")
+        return self._announced
+
+    def __enter__(self: Launched) -> Launched:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.returncode is None:
+            self.kill()
+
+    def wait_ready(self: Launched, timeout: float = 120.0) -> Launched:
+        """Wait for the ready line; on failure kill the process and raise with its log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self._stdout], [], [], 0.5)
+            if ready:
+                line = self._stdout.readline()
+                if line.startswith(self.ready):
+                    self._announced = line[len(self.ready) :].strip()
+                    return self
+            if self.process.poll() is not None:
+                break
+        tail = self.log_tail()
+        self.kill()
+        raise RuntimeError(f"{self.name} did not become ready; log tail:\n{tail}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()[-chars:]
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything it started (its process group), as a machine dying would."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+        self._release()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM the process alone and wait for its exit code; SIGKILL its group if it has not exited within
+        ``timeout``."""
+        try:
+            self.process.send_signal(signal.SIGTERM)
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.process.returncode
+        self._release()
+        return code
+
+    def _release(self) -> None:
+        """The process is gone: close its pipe and remove its log (read ``log_tail`` before, if needed)."""
+        self._stdout.close()
+        self.log.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.log.name)
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.process.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+class ServerProcess(LaunchedProcess):
     """One ``jaxseq-server`` process; ``maddr`` is the multiaddr it printed when ready. ``env`` adds to
-    (or overrides) this process's environment for it.
-
-    Used as a context manager, it SIGKILLs the server (and what it started) on leaving, whatever happened.
+    (or overrides) this process's environment for it. ``terminate`` makes it announce OFFLINE and exit.
 
     Example:
         >>> with ServerProcess(checkpoint, (0, 4), "doc-llama").wait_ready() as server:
         ...     server.maddr.startswith("/ip4/127.0.0.1/tcp/")
         True
-        >>> server.process.returncode  # SIGKILLed on leaving the block
-        -9
     """
 
     def __init__(
@@ -56,90 +152,14 @@ class ServerProcess:
         ]
         args += ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
         self.blocks = blocks
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="jaxseq-server-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
-            env=None if env is None else {**os.environ, **env},
-        )  # fmt: skip
-        if self.process.stdout is None:
-            raise RuntimeError("the server's stdout is not a pipe")  # Popen(stdout=PIPE) always makes one
-        self._stdout: IO[str] = self.process.stdout
-        self._maddr: str | None = None
+        super().__init__(args, READY, env, name="jaxseq-server")
 
     @property
     def maddr(self) -> str:
         """The multiaddr the server printed when ready."""
-        if self._maddr is None:
-            raise RuntimeError("the server is not ready yet: call wait_ready() first")
-        return self._maddr
+        return self.announced
 
     @property
     def peer_id(self) -> str:
         """The server's peer id (base58)."""
         return self.maddr.rsplit("/p2p/", 1)[1]
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process.returncode is None:
-            self.kill()
-
-    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
-        """Wait for the ready line; on failure kill the server and raise with its log."""
-        self._maddr = self._read_ready_line(timeout)
-        return self
-
-    def _read_ready_line(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self._stdout], [], [], 0.5)
-            if ready:
-                line = self._stdout.readline()
-                if line.startswith(READY):
-                    return line[len(READY) :].strip()
-            if self.process.poll() is not None:
-                break
-        tail = self.log_tail()
-        self.kill()
-        raise RuntimeError(f"jaxseq-server did not become ready; log tail:\n{tail}")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self.log.flush()
-        with open(self.log.name) as f:
-            return f.read()[-chars:]
-
-    def kill(self) -> None:
-        """SIGKILL the server and everything it started (its process group), as a machine dying would."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=30)
-        self._release()
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM the server alone (it announces OFFLINE and exits) and wait for its exit code;
-        SIGKILL its group if it has not exited within ``timeout``."""
-        try:
-            self.process.send_signal(signal.SIGTERM)
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.process.returncode
-        self._release()
-        return code
-
-    def _release(self) -> None:
-        """The server is gone: close its pipe and remove its log (read ``log_tail`` before, if needed)."""
-        self._stdout.close()
-        self.log.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.log.name)
-
-    def group_alive(self) -> bool:
-        try:
-            os.killpg(self.process.pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
