@@ -70,19 +70,21 @@ def test_session_steps_equal_the_blocks_run_locally(checkpoint, swarm_model):
     prompts = rng.normal(0, 0.5, (cfg.num_hidden_layers, 3, 2, cfg.hidden_size)).astype(np.float32)
 
     def local(x):
+        # Over the whole sequence, one shape (one compile): causal attention makes positions up to t the
+        # same as over the first t + 1 positions alone.
         return np.asarray(jaxseq.local_sequential(cfg, params, jnp.asarray(x), jnp.asarray(prompts)))
 
     with manager.inference_session(max_length=16, batch_size=3) as session:
-        got = session.step(x[:, :4], prompts)
-        assert rel_err(got, local(x[:, :4])) < TOL
+        want = local(x)
+        assert rel_err(session.step(x[:, :4], prompts), want[:, :4]) < TOL
         for t in range(4, 8):
-            assert rel_err(session.step(x[:, t : t + 1]), local(x[:, : t + 1])[:, -1:]) < TOL
+            assert rel_err(session.step(x[:, t : t + 1]), want[:, t : t + 1]) < TOL
         order = np.array([2, 2, 0])  # beam search: rows continue from other rows' histories (prompts included)
         x[:, :8], prompts[:] = x[order, :8], prompts[:, order]
-        assert rel_err(session.step(x[:, 8:9], hypo_ids=order), local(x[:, :9])[:, -1:]) < TOL
+        assert rel_err(session.step(x[:, 8:9], hypo_ids=order), local(x)[:, 8:9]) < TOL
         session.position = 6  # roll back, and continue differently
         x[:, 6:8] = rng.normal(size=(3, 2, cfg.hidden_size))
-        assert rel_err(session.step(x[:, 6:8]), local(x[:, :8])[:, -2:]) < TOL
+        assert rel_err(session.step(x[:, 6:8]), local(x)[:, 6:8]) < TOL
 
 
 def test_rollback_regenerates_what_a_fresh_session_gives(swarm_model):
@@ -154,11 +156,11 @@ def test_sampling_is_reproducible_and_draws_from_the_local_distribution(checkpoi
     np.testing.assert_array_equal(first, model.generate(ids, key=jax.random.key(7), **options))
     assert not np.array_equal(first, model.generate(ids, key=jax.random.key(8), **options))
     # each step's distribution: the session's logits equal the blocks' logits computed locally
+    full = jaxseq.local_sequential(cfg, params, model.embed(jnp.asarray(first), False)[0])  # causal: any prefix
     with manager.inference_session(max_length=first.shape[1], batch_size=2) as session:
         out = session.step(np.asarray(model.embed(jnp.asarray(first[:, :4]), False)[0]))
         for t in range(4, first.shape[1]):
-            full = jaxseq.local_sequential(cfg, params, model.embed(jnp.asarray(first[:, :t]), False)[0])
-            want = lm_logits(full[:, -1], model.norm[...], model.lm_head[...], cfg.rms_norm_eps)
+            want = lm_logits(full[:, t - 1], model.norm[...], model.lm_head[...], cfg.rms_norm_eps)
             assert rel_err(model.logits(jnp.asarray(out[:, -1])), want) < TOL
             out = session.step(np.asarray(model.embed(jnp.asarray(first[:, t : t + 1]), False)[0]))
 

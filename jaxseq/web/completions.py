@@ -193,8 +193,9 @@ class CompletionsApi:
             body = schema.model_validate(raw)
         except pydantic.ValidationError as error:
             first = error.errors()[0]
-            param = ".".join(str(part) for part in first["loc"]) or None
-            raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+            param = str(first["loc"][0]) if first["loc"] else None  # the request's field, as OpenAI names it
+            where = ".".join(str(part) for part in first["loc"])
+            raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=param) from None
         if body.model != self.model_name:
             raise ApiError(
                 404, f"the model {body.model!r} does not exist: this server serves {self.model_name!r}",
