@@ -48,7 +48,7 @@ async def chain_forward(
     while pos < end:
         try:
             if not plan:
-                plan = manager.make_route(pos, end)
+                plan = manager.make_route(pos, end, tokens=x.shape[0] * x.shape[1])
             span = plan[0]
             retries.what = f"forward of blocks {span.start}:{span.end}"
             cache_id = manager.new_cache_id()

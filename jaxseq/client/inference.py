@@ -228,7 +228,8 @@ class InferenceSession:
         """Route blocks ``block..`` for inference and open a server session on each span; the first inherits
         ``carried``, the history of the blocks from ``block`` on."""
         needed = self.batch_size * self.max_length
-        for span in self.manager.make_route(block, self.manager.num_blocks, cache_tokens=needed):
+        route = self.manager.make_route(block, self.manager.num_blocks, tokens=self.batch_size, cache_tokens=needed)
+        for span in route:
             server = await self.manager._open_server_session(span, self.max_length, self.batch_size)
             if carried is None:
                 carried = np.zeros((self.batch_size, self.max_length, self._hidden), self._dtype)

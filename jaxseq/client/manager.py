@@ -94,7 +94,8 @@ class SequenceManager(abc.ABC):
         self.retries = 0
         self._records: list[ServerRecord] = []
         self._banned: dict[str, float] = {}
-        self._latency: dict[str, float] = {}
+        self._rtt: dict[str, float] = {}  # peer -> round-trip seconds, a moving average of pings
+        self._pinging: asyncio.Task | None = None
         self._rng = random.Random(seed)
         self.verified_spans = self.unverified_spans = self.disagreements = 0
         self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -145,7 +146,20 @@ class SequenceManager(abc.ABC):
 
     def close(self) -> None:
         """Stop the manager's event loop. Idempotent."""
+        self._stop_pinging()
         self._background.stop()
+
+    def _stop_pinging(self) -> None:
+        """Cancel pings in flight (before the transport closes under them)."""
+        task = self._pinging
+        if task is not None and not self._background.loop.is_closed():
+
+            async def cancel() -> None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+            self.run(cancel())
 
     def __enter__(self):
         return self
@@ -169,14 +183,37 @@ class SequenceManager(abc.ABC):
             records = [r for r in records if r.peer in allowed]
         self._records = records
         self._last_refresh = time.monotonic()
+        if self._pinging is None or self._pinging.done():  # in the background: a refresh never waits for pings
+            self._pinging = asyncio.ensure_future(self._measure_round_trips())
 
-    def make_route(self, start: int, end: int, cache_tokens: int = 0) -> list[Span]:
-        """Spans covering blocks ``start..end-1`` from the current view (raises ``MissingBlocksError``); with
+    def make_route(self, start: int, end: int, tokens: int = 1, cache_tokens: int = 0) -> list[Span]:
+        """The spans expected to run blocks ``start..end-1`` fastest for ``tokens`` tokens per call, from the
+        current view and the servers' measured round trips (raises ``MissingBlocksError``); with
         ``cache_tokens``, for an inference session of that batch times length."""
         return route(
-            self._records, start, end, banned=self._active_bans(), latency=self._latency, rng=self._rng,
+            self._records, start, end, banned=self._active_bans(), rtt=self._rtt, tokens=tokens, rng=self._rng,
             cache_tokens=cache_tokens,
         )  # fmt: skip
+
+    async def ping(self, peer: str) -> float | None:
+        """Round-trip seconds of a small call to ``peer``, or None when it does not answer in time. A transport
+        that can't tell answers None for every server: all then count as equally far."""
+        return None
+
+    async def _measure_round_trips(self) -> None:
+        """Ping every server in the view at once; each answer moves its average a fifth of the way (as Petals'
+        ping aggregator does), and a server that does not answer counts as ``connect_timeout`` away."""
+        peers = sorted({r.peer for r in self._records})
+        answers = await asyncio.gather(*(self.ping(peer) for peer in peers))
+        for peer, seconds in zip(peers, answers):
+            seconds = self.config.connect_timeout if seconds is None else seconds
+            self._rtt[peer] = seconds if peer not in self._rtt else 0.8 * self._rtt[peer] + 0.2 * seconds
+        self._rtt = {peer: value for peer, value in self._rtt.items() if peer in peers}
+
+    @property
+    def round_trips(self) -> dict[str, float]:
+        """The servers' measured round trips (seconds, moving averages of pings at each refresh of the view)."""
+        return dict(self._rtt)
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
         """A session of up to ``max_length`` positions for ``batch_size`` rows, with attention caches kept by
@@ -280,13 +317,10 @@ class SequenceManager(abc.ABC):
         self.outcomes[span.peer, "ok"] += 1
 
     async def _guarded(self, call: Coroutine, span: Span, timeout: float):
-        start = time.monotonic()
         try:
-            result = await asyncio.wait_for(call, timeout=timeout)
+            return await asyncio.wait_for(call, timeout=timeout)
         except asyncio.TimeoutError:
             raise ServerFailure(span.peer, f"no answer within {timeout:.1f} s", reachable=False) from None
-        self._latency[span.peer] = time.monotonic() - start
-        return result
 
     def record_error(self, error: BaseException) -> None:
         """Remember the last error, so users can get the typed exception that ``jit`` turns into text."""

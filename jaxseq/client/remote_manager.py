@@ -185,6 +185,7 @@ class RemoteSequenceManager(SequenceManager):
             return
         if getattr(self, "_updater", None) is not None:
             self._updater.cancel()
+        self._stop_pinging()
         if self._p2p is not None:
             self.run(self._p2p.shutdown())
             self._p2p = None

@@ -22,25 +22,36 @@ class Span:
         return self.end - self.start
 
 
+# Seconds of round trip assumed for a server not yet measured when no server is (otherwise: the median of
+# those measured, so that a new server is neither favoured nor shunned).
+DEFAULT_RTT = 0.05
+# Chains whose expected time is within this fraction of the fastest's are picked among at random, to spread load.
+NEAR_BEST = 0.1
+
+
 def route(
     records: Sequence[ServerRecord],
     start: int,
     end: int,
     *,
     banned: Mapping[str, float] = {},
-    latency: Mapping[str, float] = {},
+    rtt: Mapping[str, float] = {},
+    tokens: int = 1,
     rng: random.Random | None = None,
     cache_tokens: int = 0,
 ) -> list[Span]:
-    """A chain of spans that covers blocks ``start..end-1`` with as few hops as possible.
+    """The chain of spans covering blocks ``start..end-1`` that is expected to run fastest, by the Petals paper's
+    rule: each span costs a round trip to its server (``rtt``, seconds, as measured; unmeasured servers count as
+    the median measured, or ``DEFAULT_RTT``) plus its blocks' compute for ``tokens`` tokens at the server's
+    announced throughput (tokens/s per block). Once a chain enters a server it stays to the end of that
+    server's span (as Petals does), so every hop costs a round trip and equal servers give the fewest hops.
+    Where servers reaching as far as the fastest chain's next one are within ``NEAR_BEST`` of it, one of them
+    is picked at random, to spread load.
 
-    At each block, among the online servers holding it, the one reaching furthest wins; among
-    those, the fastest (announced throughput over measured latency), with near-equals (within 10%)
-    picked at random to spread load. Banned peers (``banned`` maps peer to the time of its ban)
-    are avoided, but a ban never makes a block unreachable on its own: when every holder of a
-    block is banned, the one banned longest ago is used. With ``cache_tokens`` (an inference session's
-    batch times its length), servers that announce too little attention cache for it are avoided
-    likewise (Petals' unit: one token's keys, or values, in one block).
+    Banned peers (``banned`` maps peer to the time of its ban) are avoided, but a ban never makes a block
+    unreachable on its own: when every holder of a block is banned, the one banned longest ago is used. With
+    ``cache_tokens`` (an inference session's batch times its length), servers that announce too little
+    attention cache for it are avoided likewise (Petals' unit: one token's keys, or values, in one block).
 
     Raises:
         MissingBlocksError: no online server holds some block in the range.
@@ -48,27 +59,46 @@ def route(
     Example:
         >>> route([ServerRecord("a", 0, 4), ServerRecord("b", 2, 8)], 0, 8)
         [Span(peer='a', start=0, end=4), Span(peer='b', start=4, end=8)]
+        >>> near, far = ServerRecord("near", 0, 4), ServerRecord("far", 0, 8)  # far: one hop, but 0.5 s away
+        >>> route([near, ServerRecord("near2", 4, 8), far], 0, 8, rtt={"near": 0.01, "near2": 0.01, "far": 0.5})
+        [Span(peer='near', start=0, end=4), Span(peer='near2', start=4, end=8)]
     """
     rng = rng or random.Random(0)
     online = [r for r in records if r.info.state == ServerState.ONLINE]
-    spans: list[Span] = []
-    pos = start
-    while pos < end:
+    for block in range(start, end):
+        if not any(r.start <= block < r.end for r in online):
+            raise MissingBlocksError(block, f"no server in the swarm announces it (route {start}:{end})")
+    measured = sorted(rtt[r.peer] for r in online if r.peer in rtt)
+    unmeasured = measured[len(measured) // 2] if measured else DEFAULT_RTT
+
+    def options(pos: int) -> list[tuple[ServerRecord, int, float]]:
+        """The servers a chain at block ``pos`` may enter, where each takes it, and the cost of that span."""
         holders = [r for r in online if r.start <= pos < r.end]
-        if not holders:
-            raise MissingBlocksError(pos, f"no server in the swarm announces it (route {start}:{end})")
         trusted = [r for r in holders if r.peer not in banned and _has_cache(r, pos, end, cache_tokens)]
         if not trusted:
             trusted = [min(holders, key=lambda r: banned.get(r.peer, -float("inf")))]
-        reach = max(min(r.end, end) for r in trusted)
-        furthest = [r for r in trusted if min(r.end, end) == reach]
+        found = []
+        for r in trusted:
+            reach = min(r.end, end)
+            compute = (reach - pos) * tokens / max(r.info.throughput, 1e-9)
+            found.append((r, reach, rtt.get(r.peer, unmeasured) + compute))
+        return found
 
-        def speed(r: ServerRecord) -> float:
-            return r.info.throughput / (1.0 + latency.get(r.peer, 0.0))
-
-        best = max(speed(r) for r in furthest)
-        near_best = sorted((r for r in furthest if speed(r) >= 0.9 * best), key=lambda r: r.peer)
-        chosen = near_best[rng.randrange(len(near_best))]
+    # Fastest time from each block where a chain may stand (the range's start, or where a span ends) to the end.
+    stops = sorted({start} | {min(r.end, end) for r in online if start < r.end and r.start < end} - {end})
+    fastest = {end: 0.0}
+    for pos in reversed(stops):
+        fastest[pos] = min(cost + fastest[reach] for _, reach, cost in options(pos))
+    spans: list[Span] = []
+    pos = start
+    while pos < end:
+        chain = [(r, reach, cost + fastest[reach]) for r, reach, cost in options(pos)]
+        best_reach = min(chain, key=lambda c: (c[2], -c[1]))[1]
+        near_best = sorted(
+            (r for r, reach, total in chain if reach == best_reach and total <= (1 + NEAR_BEST) * fastest[pos]),
+            key=lambda r: r.peer,
+        )
+        chosen, reach = near_best[rng.randrange(len(near_best))], best_reach
         spans.append(Span(chosen.peer, pos, reach))
         pos = reach
     return spans

@@ -153,6 +153,10 @@ class LocalSequenceManager(SequenceManager):
     async def _fetch_records(self) -> list[ServerRecord]:
         return [s.record() for s in self.swarm.servers if s.alive]
 
+    async def ping(self, peer: str) -> float | None:
+        """In process there is no network: a live server is no distance away."""
+        return 0.0 if any(s.name == peer and s.alive for s in self.swarm.servers) else None
+
     async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
         server = self._servers[span.peer]
         return await server.handle(
