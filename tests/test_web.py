@@ -210,7 +210,7 @@ def api(chat_checkpoint):
             client = openai.OpenAI(base_url=f"{process.announced}/v1", api_key="unused", max_retries=0, timeout=120)
             with jaxseq.RemoteSequenceManager([servers[0].maddr], prefix) as manager:
                 model = jaxseq.DistributedCausalLM(chat_checkpoint, manager)
-                yield client, model, process
+                yield client, model, process, servers
             assert process.terminate() == 0
 
 
@@ -222,13 +222,13 @@ def greedy(model, ids, max_new_tokens) -> list[int]:
 
 
 def test_models_lists_the_served_model(api):
-    client, _, _ = api
+    client, *_ = api
     assert [m.id for m in client.models.list().data] == ["tiny-chat"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_greedy_completions_equal_generate(api, chat_checkpoint, stream):
-    client, model, _ = api
+    client, model, *_ = api
     codec = TextCodec(chat_checkpoint)
     prompt = "The swarm holds the blocks"
     want = codec.decode(greedy(model, codec.encode(prompt).tolist(), 12))
@@ -245,7 +245,7 @@ def test_greedy_completions_equal_generate(api, chat_checkpoint, stream):
 
 
 def test_token_id_prompts_and_stop_strings(api, chat_checkpoint):
-    client, model, _ = api
+    client, model, *_ = api
     codec = TextCodec(chat_checkpoint)
     ids = [5, 17, 42, 99]
     full = codec.decode(greedy(model, ids, 16))
@@ -258,7 +258,7 @@ def test_token_id_prompts_and_stop_strings(api, chat_checkpoint):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_chat_completions_follow_the_template_and_equal_generate(api, chat_checkpoint, stream):
-    client, model, _ = api
+    client, model, *_ = api
     codec = TextCodec(chat_checkpoint)
     messages = [{"role": "user", "content": "Who holds the blocks?"}]
     want = codec.decode(greedy(model, codec.chat(messages).tolist(), 10))
@@ -275,7 +275,7 @@ def test_chat_completions_follow_the_template_and_equal_generate(api, chat_check
 
 
 def test_sampling_is_reproducible_by_seed(api):
-    client, _, _ = api
+    client, *_ = api
 
     def ask(seed: int) -> str:
         reply = client.completions.create(
@@ -290,7 +290,7 @@ def test_sampling_is_reproducible_by_seed(api):
 def test_concurrent_streams_run_side_by_side(api):
     """Four streams at once all complete, and each got its first tokens before any of them finished: their
     sessions generate side by side, not one after another."""
-    client, _, _ = api
+    client, *_ = api
 
     def stream(seed: int) -> tuple[float, float, str]:
         chunks = client.completions.create(model="tiny-chat", prompt="Servers keep", max_tokens=24, temperature=1.0,
@@ -309,6 +309,31 @@ def test_concurrent_streams_run_side_by_side(api):
     assert max(first for first, _, _ in results) < min(end for _, end, _ in results)
 
 
+def test_a_client_leaving_mid_stream_frees_its_session(api):
+    """The generation of a stream whose client went away ends at its next token: the servers' attention
+    caches are all free again, and the API keeps serving."""
+    client, model, process, servers = api
+
+    def free_cache() -> list[int]:
+        return [model.manager.server_info(s.peer_id)["cache_tokens_available"] for s in servers]
+
+    def steps() -> int:
+        return model.manager.server_info(servers[-1].peer_id)["jaxseq_computed"].get("inference", 0)
+
+    idle, steps_before = free_cache(), steps()
+    body = {"model": "tiny-chat", "prompt": "Servers keep", "max_tokens": 64, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{process.announced}/v1/completions", json=body, timeout=60) as reply:
+        lines = reply.iter_lines()
+        assert next(line for line in lines if line.startswith("data: ")).startswith('data: {"id"')
+        assert free_cache() != idle  # the session holds cache on the servers while it streams
+    deadline = time.monotonic() + 20
+    while free_cache() != idle and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert free_cache() == idle
+    assert steps() - steps_before < 32  # of the 64 tokens asked for: it stopped when the client left
+    assert client.completions.create(model="tiny-chat", prompt="The", max_tokens=2, temperature=0).choices[0].text
+
+
 BAD_REQUESTS = {
     "no messages": ("chat/completions", {"model": "tiny-chat"}, 400, "messages"),
     "temperature above 2": ("completions", {"model": "tiny-chat", "prompt": "x", "temperature": 5}, 400, "temperature"),
@@ -325,7 +350,7 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(api, case):
-    client, _, process = api
+    client, _, process, _ = api
     path, body, status, param = BAD_REQUESTS[case]
     url = f"{process.announced}/v1/{path}"
     reply = httpx.post(url, content=body) if isinstance(body, bytes) else httpx.post(url, json=body)
