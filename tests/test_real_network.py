@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ import jaxseq
 from jaxseq import RemoteSequenceManager
 from jaxseq.server.config import ServerConfig
 from jaxseq.testing.launch import ServerProcess
-from jaxseq.testing.link import Link, Network, Relay
+from jaxseq.testing.link import Link, Network, Relay, listening_port
 
 from helpers import Swarms, assert_matches, random_inputs, training_step
 
@@ -89,15 +90,38 @@ def test_training_through_links_equals_local_and_every_byte_crossed_them(checkpo
 
 @pytest.mark.network
 def test_greedy_generation_through_links_equals_transformers(linked_swarm, linked_model, hf_model):
-    _, relays, _ = linked_swarm
+    """Including the servers' pushes to the next server (``rpc_push``): no connection goes around a link."""
+    servers, relays, manager = linked_swarm
     ids = np.random.default_rng(0).integers(3, 1000, (2, 5))
     want = hf_model.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False).numpy()
     before = crossed(relays)
+    pushed = pushes_sent(servers, manager)
     got = linked_model.generate(ids, max_new_tokens=16)
     np.testing.assert_array_equal(got, want)
     after = crossed(relays)
-    # one server of each span took part, through its link
+    # one server of each span took part, through its link, and the first span's pushed its outputs on
     assert sum(after[peer] != before[peer] for peer in relays) >= 2
+    assert pushes_sent(servers, manager) > pushed
+    assert not connections_around_links(servers)
+
+
+def pushes_sent(servers: list[ServerProcess], manager: RemoteSequenceManager) -> int:
+    return sum(manager.server_info(s.peer_id)["jaxseq_pushes"]["sent"] for s in servers if s.blocks == (0, 2))
+
+
+def connections_around_links(servers: list[ServerProcess]) -> list[str]:
+    """Open TCP connections of the client's or any server's p2pd (they carry every peer-to-peer byte) straight
+    to a server's listening port. (The client's DHT process, forked from this one, holds copies of the relays'
+    sockets: those are no peer's connections.)"""
+    listening = {listening_port(s.process.pid) for s in servers if s.process.poll() is None}
+    daemons = [p for p in psutil.Process().children(recursive=True) if p.name() == "p2pd"]
+    assert len(daemons) == 1 + sum(s.process.poll() is None for s in servers)
+    return [
+        f"p2pd {process.pid}: {conn.laddr} -> {conn.raddr}"
+        for process in daemons
+        for conn in process.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_ESTABLISHED and conn.raddr and conn.raddr.port in listening
+    ]
 
 
 @pytest.mark.network
