@@ -129,6 +129,16 @@ def test_a_connection_waits_for_its_server_to_be_known(network):
         relay.forward_to(1)
 
 
+def test_a_relay_takes_new_conditions_on_an_open_connection(network):
+    relay = network.relay(Link(rtt=0.01))
+    [(client, server)] = connect_through(relay)
+    with client, server:
+        for rtt in (0.06, 0.03):
+            relay.link = Link(rtt=rtt)
+            measured = statistics.median(round_trip(client, server) for _ in range(5))
+            assert abs(measured - rtt) < TOLERANCE * rtt, (rtt, measured)
+
+
 def test_links_that_cannot_be_are_refused():
     with pytest.raises(ValueError, match="rtt"):
         Link(rtt=-0.01)

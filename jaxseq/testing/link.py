@@ -32,6 +32,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import math
 import selectors
 import threading
 from collections.abc import Coroutine
@@ -52,8 +53,8 @@ class Link:
 
     Example:
         >>> link = Link(rtt=0.1, bandwidth=100e6)
-        >>> link.one_way, link.send_time(12_500_000)
-        (0.05, 1.0)
+        >>> link.one_way, link.send_time(12_500_000), link.capacity
+        (0.05, 1.0, 1250000.0)
     """
 
     rtt: float = 0.0
@@ -68,6 +69,12 @@ class Link:
     @property
     def one_way(self) -> float:
         return self.rtt / 2
+
+    @property
+    def capacity(self) -> float:
+        """Bytes the link holds, on the wire and queued, before the sender must wait: a round trip's worth at
+        its bandwidth, 1 MiB at least; no limit without a bandwidth limit (a limit would be one)."""
+        return math.inf if self.bandwidth is None else max(2**20, self.bandwidth * self.rtt / 8)
 
     def send_time(self, nbytes: int) -> float:
         """Seconds the link takes to put ``nbytes`` on the wire."""
@@ -91,17 +98,26 @@ class _Direction:
 
 class Relay:
     """Listens on 127.0.0.1 (a port the OS picked) and forwards every connection to the local port given by
-    ``forward_to``, through its ``link``. Connections that come before that wait (at most ``CONNECT_TIMEOUT``).
+    ``forward_to``, through its ``link`` (which may be changed at any time). Connections that come before
+    that wait (at most ``CONNECT_TIMEOUT``).
     ``to_server`` and ``from_server`` count the bytes delivered each way. Made by ``Network.relay``."""
 
     def __init__(self, network: Network, link: Link, server: asyncio.Server):
-        self.link = link
         self.port: int = server.sockets[0].getsockname()[1]
         self._network = network
         self._server = server
         self._target: asyncio.Future[int] = network.loop.create_future()
         self._up, self._down = _Direction(link), _Direction(link)
         self.connections = 0
+
+    @property
+    def link(self) -> Link:
+        return self._up.link
+
+    @link.setter
+    def link(self, link: Link) -> None:
+        """New conditions, from the next chunk on."""
+        self._up.link = self._down.link = link
 
     @property
     def maddr(self) -> str:
@@ -162,11 +178,9 @@ class Relay:
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: _Direction) -> None:
     """Copy ``reader`` to ``writer`` through a delay line: a reader task stamps each chunk with its arrival
-    time, this task delivers them in order when due. The line holds at most a bandwidth-delay product (and
-    1 MiB at least), so a fast sender meets backpressure as at a real link's queue."""
+    time, this task delivers them in order when due. The line holds at most the link's ``capacity``, so a
+    fast sender meets backpressure as at a real link's queue."""
     loop = asyncio.get_running_loop()
-    link = direction.link
-    capacity = max(2**20, int(link.bandwidth * link.rtt / 8) if link.bandwidth else 0)
     line: collections.deque[tuple[float, bytes]] = collections.deque()
     queued = 0
     changed = asyncio.Event()
@@ -175,7 +189,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dire
         nonlocal queued
         try:
             while data := await reader.read(CHUNK):
-                while queued >= capacity:
+                while queued >= direction.link.capacity:
                     changed.clear()
                     await changed.wait()
                 line.append((direction.arrival(len(data), loop.time()), data))
