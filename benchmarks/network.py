@@ -1,9 +1,9 @@
 """Through links: a training step and a generated token with each of 2 servers x 4 blocks behind its own link
 (``jaxseq.testing.link``: a relay per server, the same round-trip time and bandwidth both ways), under four
 settings of the links: no limits (the relays alone), 100 Mbit/s alone, 100 ms alone, and both (the Petals
-paper's setting (c)). For each: the step's median time, the bytes that crossed the links and the calls per step,
-and a token's median time (greedy, batch 1, prompt 64); and what a limit costs, in one-way delays (RTT / 2):
-the time over the no-limits setting divided by the one-way delay.
+paper's setting (c)), each on a swarm started for it. For each: the step's median time, the bytes that
+crossed the links and the calls per step, and a token's median time (greedy, batch 1, prompt 64); and what
+a limit costs, in one-way delays (RTT / 2): the time over the no-limits setting divided by the one-way delay.
 
     python benchmarks/network.py [--steps 5] [--tokens 16]
 """
@@ -53,22 +53,18 @@ def token_seconds(model: jaxseq.DistributedCausalLM, ids: np.ndarray, tokens: in
     return statistics.median(np.diff(stamps))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting (default 5)")
-    parser.add_argument("--tokens", type=int, default=16, help="generated tokens per setting (default 16)")
-    args = parser.parse_args()
-
-    rows: list[Row] = []
-    with tempfile.TemporaryDirectory() as tmp, Network() as network:
-        checkpoint = jaxseq.random_checkpoint(Path(tmp) / "llama", CFG, seed=0)
-        relays = [network.relay(Link()) for _ in SPANS]
+def measure(checkpoint: Path, setting: str, link: Link, steps: int, tokens: int) -> Row:
+    """One setting, on a swarm of its own: every connection opens on the link as set, as on a real network
+    (p2pd's multiplexer grows its flow-control windows by the round trip it measured when a connection
+    opened, so changing a link under open connections would measure something no network does)."""
+    with Network() as network:
+        relays = [network.relay(link) for _ in SPANS]
         servers: list[ServerProcess] = []
         try:
             for relay, span in zip(relays, SPANS):
                 peers = [servers[0].maddr] if servers else None
-                args_ = ["--throughput", "1000", *relay.server_args]
-                servers.append(ServerProcess(str(checkpoint), span, "bench-network", peers, args_).wait_ready())
+                args = ["--throughput", "1000", *relay.server_args]
+                servers.append(ServerProcess(str(checkpoint), span, "bench-network", peers, args).wait_ready())
                 relay.attach(servers[-1])
             config = jaxseq.ClientConfig(shared_memory=False, request_timeout=300.0, deadline=600.0)
             with RemoteSequenceManager([servers[0].maddr], "bench-network", config) as manager:
@@ -76,23 +72,28 @@ def main() -> None:
                 step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
                 model = jaxseq.DistributedCausalLM(checkpoint, manager)
                 ids = np.random.default_rng(0).integers(3, CFG.vocab_size, (1, PROMPT))
-                for setting, link in SETTINGS.items():
-                    for relay in relays:
-                        relay.link = link
-                    run_step(step, x, prompts)  # connections open, everything compiled
-                    token_seconds(model, ids, 4)
-                    calls, crossed = len(manager.timings), sum(r.to_server + r.from_server for r in relays)
-                    times = [timed(lambda: run_step(step, x, prompts)) for _ in range(args.steps)]
-                    crossed = sum(r.to_server + r.from_server for r in relays) - crossed
-                    calls = len(manager.timings) - calls
-                    token = token_seconds(model, ids, args.tokens)
-                    rows.append(
-                        Row(setting, link, statistics.median(times), crossed / args.steps / 1e6, calls / args.steps,
-                            token)
-                    )  # fmt: skip
+                run_step(step, x, prompts)  # everything compiled
+                token_seconds(model, ids, 4)
+                calls, crossed = len(manager.timings), sum(r.to_server + r.from_server for r in relays)
+                times = [timed(lambda: run_step(step, x, prompts)) for _ in range(steps)]
+                crossed = sum(r.to_server + r.from_server for r in relays) - crossed
+                calls = len(manager.timings) - calls
+                token = token_seconds(model, ids, tokens)
         finally:
             for server in servers:
                 server.terminate()
+    return Row(setting, link, statistics.median(times), crossed / steps / 1e6, calls / steps, token)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting (default 5)")
+    parser.add_argument("--tokens", type=int, default=16, help="generated tokens per setting (default 16)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = jaxseq.random_checkpoint(Path(tmp) / "llama", CFG, seed=0)
+        rows = [measure(checkpoint, setting, link, args.steps, args.tokens) for setting, link in SETTINGS.items()]
 
     base = rows[0]
     print(f"{machine()}; {time.strftime('%Y-%m-%d')}")

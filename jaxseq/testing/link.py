@@ -73,7 +73,8 @@ class Link:
     @property
     def capacity(self) -> float:
         """Bytes the link holds, on the wire and queued, before the sender must wait: a round trip's worth at
-        its bandwidth, 1 MiB at least; no limit without a bandwidth limit (a limit would be one)."""
+        its bandwidth, 1 MiB at least. Unbounded without a bandwidth limit: any bound would cap throughput
+        at bound / one-way delay, a bandwidth limit after all."""
         return math.inf if self.bandwidth is None else max(2**20, self.bandwidth * self.rtt / 8)
 
     def send_time(self, nbytes: int) -> float:
@@ -116,7 +117,10 @@ class Relay:
 
     @link.setter
     def link(self, link: Link) -> None:
-        """New conditions, from the next chunk on."""
+        """New conditions, from the next chunk on. The ends of connections already open keep what they
+        learnt of the old ones: p2pd's multiplexer grows its flow-control windows by the round trip it
+        measured when the connection opened (and again only now and then). To measure under new
+        conditions, open new connections."""
         self._up.link = self._down.link = link
 
     @property
@@ -257,6 +261,7 @@ class Network:
         self.relays: list[Relay] = []
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the relays' loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def relay(self, link: Link) -> Relay:
