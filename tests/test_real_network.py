@@ -102,20 +102,23 @@ def test_greedy_generation_through_links_equals_transformers(linked_swarm, linke
     # one server of each span took part, through its link, and the first span's pushed its outputs on
     assert sum(after[peer] != before[peer] for peer in relays) >= 2
     assert pushes_sent(servers, manager) > pushed
-    assert not connections_around_links(servers)
+    assert not connections_around_links(servers, manager)
 
 
 def pushes_sent(servers: list[ServerProcess], manager: RemoteSequenceManager) -> int:
     return sum(manager.server_info(s.peer_id)["jaxseq_pushes"]["sent"] for s in servers if s.blocks == (0, 2))
 
 
-def connections_around_links(servers: list[ServerProcess]) -> list[str]:
+def connections_around_links(servers: list[ServerProcess], manager: RemoteSequenceManager) -> list[str]:
     """Open TCP connections of the client's or any server's p2pd (they carry every peer-to-peer byte) straight
     to a server's listening port. (The client's DHT process, forked from this one, holds copies of the relays'
     sockets: those are no peer's connections.)"""
-    listening = {listening_port(s.process.pid) for s in servers if s.process.poll() is None}
-    daemons = [p for p in psutil.Process().children(recursive=True) if p.name() == "p2pd"]
-    assert len(daemons) == 1 + sum(s.process.poll() is None for s in servers)
+    alive = [s for s in servers if s.process.poll() is None]
+    listening = {listening_port(s.process.pid) for s in alive}
+    assert manager.dht is not None
+    roots = [psutil.Process(pid) for pid in [manager.dht.pid, *(s.process.pid for s in alive)]]
+    daemons = [p for root in roots for p in root.children(recursive=True) if p.name() == "p2pd"]
+    assert len(daemons) == len(roots)
     return [
         f"p2pd {process.pid}: {conn.laddr} -> {conn.raddr}"
         for process in daemons
