@@ -48,6 +48,15 @@ def checkpoint(tmp_path_factory, tiny_cfg):
     return path, cfg, params
 
 
+@pytest.fixture(scope="session")
+def hf_model(checkpoint):
+    """The tiny checkpoint as a transformers model: the reference for generation."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32).eval()
+
+
 @pytest.fixture
 def start_servers(checkpoint):
     """``start_servers([(0, 2), (2, 4)], prefix=...)`` starts real servers of the tiny checkpoint (the first

@@ -12,6 +12,7 @@ import numpy as np
 
 import jaxseq
 from jaxseq.testing.launch import ServerProcess
+from jaxseq.testing.link import Link, Network, Relay
 
 TINY = jaxseq.LlamaConfig(
     hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
@@ -65,9 +66,10 @@ class Swarms:
     starts a swarm (the first server starts it, the others join, in parallel) and returns its servers and
     dht_prefix. Leaving the ``with`` block kills every process started, by PID, whatever happened."""
 
-    def __init__(self, checkpoint: str | Path, env: Mapping[str, str] | None = None):
-        self.checkpoint, self.env = str(checkpoint), env
+    def __init__(self, checkpoint: str | Path, env: Mapping[str, str] | None = None, network: Network | None = None):
+        self.checkpoint, self.env, self.network = str(checkpoint), env, network
         self.started: list[ServerProcess] = []
+        self.relays: dict[str, Relay] = {}  # by peer id: the relay in front of each server started behind a link
 
     def start(
         self,
@@ -75,20 +77,36 @@ class Swarms:
         dht_prefix: str | None = None,
         initial_peers: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
+        link: Link | None = None,
     ) -> tuple[list[ServerProcess], str]:
+        """With a ``link``, each server is behind a relay of its own with that link (the ``network`` given)."""
         dht_prefix = dht_prefix or f"tiny{next(_prefixes)}"
+        if link is not None and self.network is None:
+            raise ValueError("servers behind links need Swarms(..., network=Network())")
+        relays: dict[ServerProcess, Relay] = {}
 
         def launch(span: tuple[int, int], peers: Sequence[str] | None) -> ServerProcess:
             args = ["--throughput", "1000", "--update-period", "5", *extra_args]
+            relay = None if link is None or self.network is None else self.network.relay(link)
+            args += relay.server_args if relay else []
             server = ServerProcess(self.checkpoint, span, dht_prefix, peers, args, env=self.env)
             self.started.append(server)
+            if relay:
+                relays[server] = relay
+            return server
+
+        def ready(server: ServerProcess) -> ServerProcess:
+            server.wait_ready()
+            if server in relays:
+                relays[server].attach(server)
+                self.relays[server.peer_id] = relays[server]
             return server
 
         servers = []
         if not initial_peers:
-            servers.append(launch(spans[0], None).wait_ready())
+            servers.append(ready(launch(spans[0], None)))
             initial_peers, spans = [servers[0].maddr], spans[1:]
-        servers += [server.wait_ready() for server in [launch(span, initial_peers) for span in spans]]
+        servers += [ready(server) for server in [launch(span, initial_peers) for span in spans]]
         return servers, dht_prefix
 
     def __enter__(self) -> Swarms:

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import jaxseq
 from jaxseq.models.decoder import lm_logits
@@ -28,11 +27,6 @@ from jaxseq.models.decoder import lm_logits
 from helpers import rel_err
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def hf_model(checkpoint):
-    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32).eval()
 
 
 @pytest.fixture

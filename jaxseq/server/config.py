@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,37 @@ def parse_blocks(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
     return start, end
+
+
+def check_dialable(maddr: str) -> str:
+    """``maddr`` if other peers can dial it: ``/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT`` with a real port; else
+    ``ValueError`` saying what is wrong (p2pd would otherwise fail later, or announce what nobody can dial).
+
+    Example:
+        >>> check_dialable("/ip4/203.0.113.7/tcp/31337")
+        '/ip4/203.0.113.7/tcp/31337'
+        >>> check_dialable("203.0.113.7:31337")
+        Traceback (most recent call last):
+        ValueError: '203.0.113.7:31337' is not a dialable multiaddr: expected /ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT
+    """
+    parts = maddr.split("/")
+    if len(parts) != 5 or parts[0] or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[3] != "tcp":
+        raise ValueError(f"{maddr!r} is not a dialable multiaddr: expected /ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT")
+    _, kind, host, _, port = parts
+    if kind in ("ip4", "ip6"):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{maddr!r}: {host!r} is not an IP address") from None
+        if address.version != int(kind[-1]):
+            raise ValueError(f"{maddr!r}: {host} is not an IPv{kind[-1]} address")
+        if address.is_unspecified:
+            raise ValueError(f"{maddr!r}: {host} is where to listen, not an address peers can dial")
+    elif not host:
+        raise ValueError(f"{maddr!r}: the host name is empty")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{maddr!r}: the port must be a number in 1..65535 (peers dial it: 0 is not a port)")
+    return maddr
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
@@ -68,7 +100,30 @@ class ServerConfig:
     )
     new_swarm: bool = dataclasses.field(default=False, metadata=_option("start a new swarm", join=True))
     host_maddrs: tuple[str, ...] = dataclasses.field(
-        default=("/ip4/127.0.0.1/tcp/0",), metadata=_option("multiaddrs to listen on", nargs="+")
+        default=("/ip4/127.0.0.1/tcp/0",),
+        metadata=_option("multiaddrs to listen on (/ip4/0.0.0.0/tcp/PORT: every interface)", nargs="+"),
+    )
+    announce_maddrs: tuple[str, ...] = dataclasses.field(
+        default=(),
+        metadata=_option(
+            "multiaddrs other peers dial to reach this server, announced instead of the ones it listens on (as "
+            "Petals' --announce_maddrs): a public address, a port forwarded to this one (default: the listening "
+            "ones)", nargs="+", metavar="MADDR",
+        ),
+    )  # fmt: skip
+    use_relay: bool = dataclasses.field(
+        default=True,
+        metadata=_option(
+            "don't use libp2p circuit relays: neither dial peers behind a NAT through one, nor relay for them",
+            flag="--no-relay",
+        ),
+    )
+    use_auto_relay: bool = dataclasses.field(
+        default=False,
+        metadata=_option(
+            "behind a NAT or firewall: reserve a slot on a relaying peer of the swarm (the initial peers, by "
+            "default) and announce the address through it, so that peers can reach this server",
+        ),
     )
     dtype: str = dataclasses.field(
         default="float32", metadata=_option("dtype the blocks compute in", choices=COMPUTE_DTYPES)
@@ -152,6 +207,10 @@ class ServerConfig:
             raise ValueError(f"blocks {start}:{end}: need 0 <= start < end")
         if bool(self.initial_peers) == self.new_swarm:
             raise ValueError("give either initial_peers (to join a swarm) or new_swarm=True (to start one)")
+        for maddr in self.announce_maddrs:
+            check_dialable(maddr)
+        if self.use_auto_relay and not self.use_relay:
+            raise ValueError("--use-auto-relay needs relays: drop --no-relay")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
         if self.matmul_precision not in MATMUL_PRECISIONS:
@@ -208,7 +267,7 @@ class ServerConfig:
         """Parse ``argv`` (the process's arguments when None); bad arguments exit with argparse's usage line."""
         parser = cls.parser()
         args = vars(parser.parse_args(argv))
-        for name in ("initial_peers", "host_maddrs", "allowed_clients"):
+        for name in ("initial_peers", "host_maddrs", "announce_maddrs", "allowed_clients"):
             if args[name] is not None:
                 args[name] = tuple(args[name])
         try:

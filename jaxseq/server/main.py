@@ -75,13 +75,19 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     def info(state: ServerState) -> ServerInfo:
         return ServerInfo(
             state=state, throughput=throughput, start_block=start, end_block=end, version=VERSION,
-            forward_rps=throughput, torch_dtype=config.dtype, quant_type="none", using_relay=False,
+            forward_rps=throughput, torch_dtype=config.dtype, quant_type="none", using_relay=config.use_auto_relay,
             cache_tokens_left=handler.cache_tokens_left, machine=shm.machine_id() if config.shared_memory else None,
             cached_backward=config.cache_mb > 0 and config.cache_ttl > 0, family=cfg.family,
         )  # fmt: skip
 
     identity = {"identity_path": config.identity} if config.identity else {}
-    node = dht.start_dht(initial_peers=list(config.initial_peers), host_maddrs=list(config.host_maddrs), **identity)
+    # Announced addresses replace the listening ones in everything p2pd tells peers, so that peers dial
+    # only them; None (not []) leaves the listening ones.
+    node = dht.start_dht(
+        initial_peers=list(config.initial_peers), host_maddrs=list(config.host_maddrs),
+        announce_maddrs=list(config.announce_maddrs) or None, use_relay=config.use_relay,
+        use_auto_relay=config.use_auto_relay, **identity,
+    )  # fmt: skip
     p2p = await node.replicate_p2p()
     try:
         await handler.add_p2p_handlers(p2p)
