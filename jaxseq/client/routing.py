@@ -6,7 +6,7 @@ import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 
-from jaxseq.client.errors import MissingBlocksError
+from jaxseq.client.errors import MissingAdapterError, MissingBlocksError
 from jaxseq.remote.records import ServerRecord, ServerState
 
 
@@ -31,6 +31,7 @@ def route(
     latency: Mapping[str, float] = {},
     rng: random.Random | None = None,
     cache_tokens: int = 0,
+    adapter: str | None = None,
 ) -> list[Span]:
     """A chain of spans that covers blocks ``start..end-1`` with as few hops as possible.
 
@@ -40,10 +41,12 @@ def route(
     are avoided, but a ban never makes a block unreachable on its own: when every holder of a
     block is banned, the one banned longest ago is used. With ``cache_tokens`` (an inference session's
     batch times its length), servers that announce too little attention cache for it are avoided
-    likewise (Petals' unit: one token's keys, or values, in one block).
+    likewise (Petals' unit: one token's keys, or values, in one block). With ``adapter``, only servers
+    announcing that LoRA adapter are routed to.
 
     Raises:
         MissingBlocksError: no online server holds some block in the range.
+        MissingAdapterError: servers hold some block, but none of them announces ``adapter``.
 
     Example:
         >>> route([ServerRecord("a", 0, 4), ServerRecord("b", 2, 8)], 0, 8)
@@ -57,6 +60,11 @@ def route(
         holders = [r for r in online if r.start <= pos < r.end]
         if not holders:
             raise MissingBlocksError(pos, f"no server in the swarm announces it (route {start}:{end})")
+        if adapter:
+            serving = [r for r in holders if adapter in r.info.adapters]
+            if not serving:
+                raise MissingAdapterError(pos, adapter, {a for r in holders for a in r.info.adapters})
+            holders = serving
         trusted = [r for r in holders if r.peer not in banned and _has_cache(r, pos, end, cache_tokens)]
         if not trusted:
             trusted = [min(holders, key=lambda r: banned.get(r.peer, -float("inf")))]
