@@ -58,12 +58,12 @@ def adapted_swarm(request, tmp_path_factory):
     its folder's name and as ``renamed``: (name, base model, adapted model, checkpoint, adapter, maddr, prefix)."""
     name = request.param
     tmp = tmp_path_factory.mktemp(f"lora-{name}")
-    base, adapted = _peft_model(name, tmp / "my-adapter")
+    base, adapted = _peft_model(name, tmp / "my-lora")
     base.save_pretrained(tmp / "model")
     with Swarms(tmp / "model") as swarms:
-        adapters = ["--adapters", str(tmp / "my-adapter"), f"renamed={tmp / 'my-adapter'}"]
+        adapters = ["--adapters", str(tmp / "my-lora"), f"renamed={tmp / 'my-lora'}"]
         servers, prefix = swarms.start([(0, 3), (1, 4)], extra_args=adapters)
-        yield name, base, adapted, tmp / "model", tmp / "my-adapter", servers[0].maddr, prefix
+        yield name, base, adapted, tmp / "model", tmp / "my-lora", servers[0].maddr, prefix
 
 
 def _manager(swarm, adapter: str | None) -> jaxseq.RemoteSequenceManager:
@@ -118,7 +118,7 @@ def test_outputs_and_gradients_with_the_adapter_equal_peft(adapted_swarm):
     x, deep = _inputs(cfg)
     want = _torch_reference(adapted, x, deep)
 
-    with _manager(adapted_swarm, "my-adapter") as manager:
+    with _manager(adapted_swarm, "renamed") as manager:
 
         def loss(x, deep):
             logits = lm_logits(
@@ -133,14 +133,26 @@ def test_outputs_and_gradients_with_the_adapter_equal_peft(adapted_swarm):
     assert rel_err(want[0], base_logits) > 0.05  # the adapter matters
 
 
-def test_generation_with_the_adapter_equals_peft(adapted_swarm):
-    _, _, adapted, path, *_ = adapted_swarm
+def test_readme_lora_example_generates_as_peft(adapted_swarm):
+    """The README's LoRA client example, its placeholders filled in: greedy tokens equal transformers + peft's."""
+    _, _, adapted, path, _, maddr, prefix = adapted_swarm
+    section = (Path(__file__).parents[1] / "README.md").read_text().split("## LoRA adapters", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    for placeholder, value in [
+        ("/ip4/127.0.0.1/tcp/PORT/p2p/PEER", maddr), ('"my-llama"', repr(prefix)), ('"path/to/llama"', repr(str(path)))
+    ]:  # fmt: skip
+        assert placeholder in code, f"the README's example no longer has {placeholder}"
+        code = code.replace(placeholder, value)
     ids = np.random.default_rng(3).integers(0, SHAPE["vocab_size"], (2, 5))
+    namespace = {"jaxseq": jaxseq, "input_ids": ids}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        if "manager" in namespace:
+            namespace["manager"].close()
     fresh_rope(adapted)
-    want = adapted.generate(torch.from_numpy(ids), max_new_tokens=12, do_sample=False).numpy()
-    with _manager(adapted_swarm, "renamed") as manager:
-        got = jaxseq.DistributedCausalLM(path, manager).generate(ids, max_new_tokens=12)
-    np.testing.assert_array_equal(got, want)
+    want = adapted.generate(torch.from_numpy(ids), max_new_tokens=8, do_sample=False).numpy()
+    np.testing.assert_array_equal(namespace["new_ids"], want)
 
 
 def test_without_active_adapter_servers_compute_the_base_model(adapted_swarm):
@@ -148,7 +160,7 @@ def test_without_active_adapter_servers_compute_the_base_model(adapted_swarm):
     cfg = jaxseq.load_config(path)
     x, deep = _inputs(cfg)
     with _manager(adapted_swarm, None) as manager:
-        assert {r.info.adapters for r in manager.records} == {("my-adapter", "renamed")}
+        assert {r.info.adapters for r in manager.records} == {("my-lora", "renamed")}
         model = jaxseq.DistributedCausalLM(path, manager)
         ids = np.random.default_rng(4).integers(0, SHAPE["vocab_size"], (2, 7))
         got = model(jnp.asarray(ids))
@@ -163,13 +175,13 @@ def test_a_missing_adapter_fails_fast_and_by_name(adapted_swarm):
     x = jnp.ones((1, 4, SHAPE["hidden_size"]))
     with _manager(adapted_swarm, "org/no-such-lora") as manager:
         started = time.monotonic()
-        with pytest.raises(jaxseq.MissingAdapterError, match=r"adapter 'org/no-such-lora' \(they serve: 'my-adapter'"):
+        with pytest.raises(jaxseq.MissingAdapterError, match=r"adapter 'org/no-such-lora' \(they serve: 'my-lora'"):
             with jaxseq.swarm_errors(manager):
                 jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager))(x)
         assert time.monotonic() - started < 5  # not retried until the deadline
         # a server asked for it directly refuses, by name, and keeps serving
         peer = next(r.peer for r in manager.records if r.start == 0)
-        with pytest.raises(Exception, match=r"adapter 'org/no-such-lora' not found: this server serves 'my-adapter'"):
+        with pytest.raises(Exception, match=r"adapter 'org/no-such-lora' not found: this server serves 'my-lora'"):
             manager.run(manager.forward(Span(peer, 0, 3), np.ones((1, 4, SHAPE["hidden_size"]), np.float32),
                                         np.zeros((3, 1, 0, SHAPE["hidden_size"]), np.float32), timeout=30))  # fmt: skip
         assert manager.server_info(peer)["jaxseq_computed"]["forward"] >= 0

@@ -66,7 +66,8 @@ class Adapter:
     scaling: float
 
     def shapes(self, start: int, end: int) -> tuple:
-        """What of blocks ``start..end-1``'s adapter shapes a compiled function: its names and shapes."""
+        """The names and shapes of its arrays over blocks ``start..end-1``: what a function compiled with them
+        depends on (their values are arguments)."""
         span = self.blocks[start - self.start : end - self.start]
         return tuple(tuple(sorted((k, v.shape) for k, v in block.items())) for block in span)
 
@@ -201,10 +202,12 @@ def random_adapter(
             tensors[f"{key}.lora_A.weight"] = rng.normal(0, std, (rank, fan_in)).astype(np.float32)
             tensors[f"{key}.lora_B.weight"] = rng.normal(0, std, (fan_out, rank)).astype(np.float32)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "use_rslora": use_rslora,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": None,
     }  # fmt: skip
+    if use_rslora:  # only when set: peft before 0.7 (Petals 2.2's) lacks the key and refuses unknown ones
+        config["use_rslora"] = True
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

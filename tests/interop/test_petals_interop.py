@@ -11,6 +11,7 @@ import transformers
 
 import jaxseq
 from jaxseq import RemoteSequenceManager
+from jaxseq.models.lora import load_adapter, random_adapter, with_adapter
 from jaxseq.testing.launch import ServerProcess
 
 from helpers import assert_matches, random_inputs, rel_err, training_step
@@ -48,8 +49,10 @@ def petals_checkpoint(petals_py, tmp_path_factory):
 def jaxseq_servers():
     started: list[ServerProcess] = []
 
-    def start(checkpoint, blocks, prefix, peers):
-        server = ServerProcess(str(checkpoint), blocks, prefix, peers, ["--throughput", "1.0"]).wait_ready()
+    def start(checkpoint, blocks, prefix, peers, extra_args=()):
+        server = ServerProcess(
+            str(checkpoint), blocks, prefix, peers, ["--throughput", "1.0", *extra_args]
+        ).wait_ready()
         started.append(server)
         return server
 
@@ -110,6 +113,24 @@ def test_petals_client_through_jaxseq_servers(petals_py, petals_checkpoint, jaxs
     jaxseq_servers(path, (4, 8), "interop3", [first.maddr])
     result = petals_client_fwd_bwd(petals_py, path, [first.maddr], dht_prefix="interop3", batch=3, seq=12)
     assert result["first_block_change"] > 0.3, result  # blocks matter
+    for key in ("rel_logits", "rel_grad_inputs_embeds", "rel_grad_lm_head", "rel_grad_norm"):
+        assert result[key] < TOL, (key, result)
+
+
+def test_petals_client_with_an_adapter_through_jaxseq_servers(petals_py, petals_checkpoint, jaxseq_servers, tmp_path):
+    """A Petals client naming a LoRA adapter (``active_adapter``) routes to jaxseq servers that announce it, and
+    its logits and gradients equal the Petals venv's transformers with that adapter loaded by its peft (0.5)."""
+    path, cfg, params = petals_checkpoint
+    folder = random_adapter(tmp_path / "lora", cfg, rank=4, alpha=8, std=0.05)
+    adapted = with_adapter(params, load_adapter(folder, cfg, range(8)).blocks)
+    x = jax.random.normal(jax.random.key(0), (1, 8, cfg.hidden_size))
+    assert rel_err(jaxseq.local_sequential(cfg, adapted, x), jaxseq.local_sequential(cfg, params, x)) > 0.03
+    args = ("--adapters", f"org/tiny-lora={folder}")
+    first = jaxseq_servers(path, (0, 4), "interop-lora", None, args)
+    jaxseq_servers(path, (4, 8), "interop-lora", [first.maddr], args)
+    result = petals_client_fwd_bwd(
+        petals_py, path, [first.maddr], dht_prefix="interop-lora", batch=2, seq=9, adapter=("org/tiny-lora", folder)
+    )
     for key in ("rel_logits", "rel_grad_inputs_embeds", "rel_grad_lm_head", "rel_grad_norm"):
         assert result[key] < TOL, (key, result)
 
