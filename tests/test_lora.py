@@ -112,6 +112,7 @@ def _inputs(cfg, batch: int = 2, prompt_len: int = 3):
     return x, deep
 
 
+@pytest.mark.network
 def test_outputs_and_gradients_with_the_adapter_equal_peft(adapted_swarm):
     name, _, adapted, path, _, *_ = adapted_swarm
     cfg, head = jaxseq.load_config(path), load_head(path)
@@ -133,6 +134,7 @@ def test_outputs_and_gradients_with_the_adapter_equal_peft(adapted_swarm):
     assert rel_err(want[0], base_logits) > 0.05  # the adapter matters
 
 
+@pytest.mark.network
 def test_readme_lora_example_generates_as_peft(adapted_swarm):
     """The README's LoRA client example, its placeholders filled in: greedy tokens equal transformers + peft's."""
     _, _, adapted, path, _, maddr, prefix = adapted_swarm
@@ -155,6 +157,7 @@ def test_readme_lora_example_generates_as_peft(adapted_swarm):
     np.testing.assert_array_equal(namespace["new_ids"], want)
 
 
+@pytest.mark.network
 def test_without_active_adapter_servers_compute_the_base_model(adapted_swarm):
     _, base, _, path, *_ = adapted_swarm
     cfg = jaxseq.load_config(path)
@@ -170,6 +173,7 @@ def test_without_active_adapter_servers_compute_the_base_model(adapted_swarm):
     assert rel_err(got, want) < TOL
 
 
+@pytest.mark.network
 def test_a_missing_adapter_fails_fast_and_by_name(adapted_swarm):
     *_, path, _, _, _ = adapted_swarm
     x = jnp.ones((1, 4, SHAPE["hidden_size"]))
@@ -185,6 +189,42 @@ def test_a_missing_adapter_fails_fast_and_by_name(adapted_swarm):
             manager.run(manager.forward(Span(peer, 0, 3), np.ones((1, 4, SHAPE["hidden_size"]), np.float32),
                                         np.zeros((3, 1, 0, SHAPE["hidden_size"]), np.float32), timeout=30))  # fmt: skip
         assert manager.server_info(peer)["jaxseq_computed"]["forward"] >= 0
+
+
+@pytest.mark.network
+def test_an_inference_session_keeps_the_adapter_of_its_first_request(adapted_swarm):
+    """``rpc_inference`` as a Petals client speaks it: a session naming an adapter the server lacks is refused, and
+    one opened with an adapter refuses a step naming another."""
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+
+    from jaxseq.remote import protocol
+
+    *_, prefix = adapted_swarm
+    x = protocol.serialize(np.zeros((1, 2, SHAPE["hidden_size"]), np.float32))
+
+    def request(**metadata) -> runtime_pb2.ExpertRequest:
+        uids = protocol.span_uids(prefix, 0, 3)
+        return runtime_pb2.ExpertRequest(uid=uids, tensors=[x], metadata=protocol.encode_metadata(metadata))
+
+    with _manager(adapted_swarm, None) as manager:
+        peer = PeerID.from_base58(next(r.peer for r in manager.records if r.start == 0))
+
+        async def session(*requests: runtime_pb2.ExpertRequest) -> list:
+            async def sent():
+                for one in requests:
+                    yield one
+
+            name = f"{protocol.HANDLER}.rpc_inference"
+            stream = await manager._open_p2p.iterate_protobuf_handler(peer, name, sent(), runtime_pb2.ExpertResponse)
+            return [reply async for reply in stream]
+
+        with pytest.raises(Exception, match="adapter 'nope' not found: this server serves 'my-lora', 'renamed'"):
+            manager.run(session(request(max_length=8, active_adapter="nope")))
+        with pytest.raises(Exception, match="must name adapter 'renamed', as its first request did"):
+            manager.run(session(request(max_length=8, active_adapter="renamed"), request(active_adapter="my-lora")))
+        opened = request(max_length=8, active_adapter="renamed")
+        assert len(manager.run(session(opened, request(active_adapter="renamed")))) == 2
 
 
 # --- loading, without servers ---------------------------------------------------------------------
