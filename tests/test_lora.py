@@ -5,6 +5,7 @@ stabilised scaling) and Qwen2 (sliding windows); what is refused, and how fast a
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
@@ -26,7 +27,10 @@ from jaxseq.models.blocks import local_sequential
 from jaxseq.models.checkpoint import load_checkpoint, load_head
 from jaxseq.models.decoder import lm_logits
 from jaxseq.models.lora import CONFIG_FILE, WEIGHTS_FILE, load_adapter, random_adapter, with_adapter
+from jaxseq.server.activation_cache import CacheMiss
 from jaxseq.server.backend import BlockBackend
+from jaxseq.server.batching import StepBatcher
+from jaxseq.server.compute_queue import ComputeQueue
 from jaxseq.testing.reference import block_outputs, fresh_rope
 
 from helpers import Swarms, rel_err
@@ -328,3 +332,77 @@ def test_a_hub_id_is_read_offline_and_named_by_it(llama_adapter, offline_hub):  
     adapter, want = load_adapter(repo, cfg, range(2, 4)), load_adapter(folder, cfg, range(2, 4))
     assert adapter.name == repo == "jaxseq-test/tiny"
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(adapter.blocks, want.blocks) for k in b)
+
+
+# --- what a backend keeps apart ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_adapters(llama_adapter, tmp_path_factory):
+    """A backend of the Llama checkpoint's 4 blocks serving two adapters of the same shapes, and its config."""
+    _, _, path, folder = llama_adapter
+    cfg, params = load_checkpoint(path)
+    other = random_adapter(tmp_path_factory.mktemp("other") / "other", cfg, rank=4, alpha=2, use_rslora=True, seed=5)
+    adapters = [load_adapter(folder, cfg, range(4)), load_adapter(other, cfg, range(4))]
+    return BlockBackend(cfg, params, adapters=adapters), cfg
+
+
+def test_a_kept_forward_serves_only_a_backward_with_its_adapter(two_adapters):
+    backend, cfg = two_adapters
+    rng = np.random.default_rng(2)
+    x, grad = (rng.normal(size=(2, 6, cfg.hidden_size)).astype(np.float32) for _ in range(2))
+    prompts = np.zeros((4, 2, 0, cfg.hidden_size), np.float32)
+    want = backend.backward(x, prompts, grad, 0, 4, adapter="other")[0]  # computed afresh
+    backend.forward(x, prompts, 0, 4, cache_key="k", adapter="adapter")
+    hits = backend.cache.hits
+    got = backend.backward(x, prompts, grad, 0, 4, cache_key="k", adapter="other")[0]
+    assert backend.cache.hits == hits and rel_err(got, want) < TOL  # not the other adapter's kept forward
+    with pytest.raises(CacheMiss):
+        backend.backward_of_cached(grad, 0, 4, "k", adapter="other")
+
+
+def test_sessions_with_different_adapters_are_never_computed_together(two_adapters):
+    """Decode steps of concurrent sessions are batched only with sessions of the same adapter; each session's
+    outputs equal those of a session alone."""
+    backend, cfg = two_adapters
+    batcher = StepBatcher(backend, ComputeQueue(max_waiting=8), max_rows=64, wait_s=0.05)
+    rng = np.random.default_rng(3)
+    first, step = rng.normal(size=(1, 3, cfg.hidden_size)), rng.normal(size=(1, 1, cfg.hidden_size))
+    first, step = first.astype(np.float32), step.astype(np.float32)
+    names = ["adapter", "other", "other", ""]
+
+    async def run(together: bool) -> list[np.ndarray]:
+        sessions = [await backend.open_session(1, 8, 0, 4, timeout=0.0, adapter=name) for name in names]
+        try:
+            for session in sessions:
+                await batcher.run(session, first, backend.no_prompts(session))
+            if together:
+                replies = await asyncio.gather(*[batcher.run(s, step, backend.no_prompts(s)) for s in sessions])
+            else:
+                replies = [await batcher.run(s, step, backend.no_prompts(s)) for s in sessions]
+            return [out for out, _ in replies]
+        finally:
+            for session in sessions:
+                session.close()
+
+    alone = asyncio.run(run(together=False))
+    calls = batcher.calls
+    together = asyncio.run(run(together=True))
+    assert batcher.calls - calls == len(names) + 3  # first steps alone, then one call per adapter
+    assert all(rel_err(a, b) < TOL for a, b in zip(together, alone))
+    assert rel_err(alone[0], alone[1]) > 0.01 and rel_err(alone[1], alone[3]) > 0.01
+
+
+def test_mixtral_attention_adapter_equals_peft(tmp_path):
+    """Mixtral's experts take no LoRA in jaxseq; its attention projections do, as peft computes them."""
+    base = _hf_model("mixtral")
+    torch.manual_seed(2)
+    config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "o_proj"], init_lora_weights=False)
+    adapted = peft.get_peft_model(copy.deepcopy(base), config)
+    adapted.save_pretrained(tmp_path / "adapter")
+    base.save_pretrained(tmp_path / "model")
+    cfg, params = load_checkpoint(tmp_path / "model")
+    adapter = load_adapter(tmp_path / "adapter", cfg, range(cfg.num_hidden_layers))
+    x = np.random.default_rng(0).normal(size=(2, SEQ, cfg.hidden_size)).astype(np.float32)
+    got = local_sequential(cfg, with_adapter(params, adapter.blocks), jnp.asarray(x))
+    assert rel_err(got, block_outputs(adapted.base_model.model.eval(), x)[-1]) < TOL
+    with pytest.raises(ValueError, match="targets \\['gate_proj'\\] are not projections of a mixtral block"):
+        random_adapter(tmp_path / "experts", cfg, targets=("gate_proj",))
