@@ -22,11 +22,12 @@ import torch
 from test_families import SHAPE, _hf_model, offline_hub  # noqa: F401  (offline_hub: a fixture used below)
 
 import jaxseq
-from jaxseq.client.routing import Span
+from jaxseq.client.routing import Span, route
 from jaxseq.models.blocks import local_sequential
 from jaxseq.models.checkpoint import load_checkpoint, load_head
 from jaxseq.models.decoder import lm_logits
 from jaxseq.models.lora import CONFIG_FILE, WEIGHTS_FILE, load_adapter, random_adapter, with_adapter
+from jaxseq.remote.records import ServerInfo, ServerRecord, ServerState
 from jaxseq.server.activation_cache import CacheMiss
 from jaxseq.server.backend import BlockBackend
 from jaxseq.server.batching import StepBatcher
@@ -229,6 +230,22 @@ def test_an_inference_session_keeps_the_adapter_of_its_first_request(adapted_swa
             manager.run(session(request(max_length=8, active_adapter="renamed"), request(active_adapter="my-lora")))
         opened = request(max_length=8, active_adapter="renamed")
         assert len(manager.run(session(opened, request(active_adapter="renamed")))) == 2
+
+
+def test_routing_takes_only_servers_announcing_the_adapter():
+    def record(peer: str, start: int, end: int, *adapters: str) -> ServerRecord:
+        return ServerRecord(peer, start, end, ServerInfo(state=ServerState.ONLINE, throughput=10.0, adapters=adapters))
+
+    # the fastest, furthest-reaching server lacks the adapter
+    records = [record("fast", 0, 4), record("a", 0, 2, "x", "y"), record("b", 2, 4, "y")]
+    assert [(s.peer, s.start, s.end) for s in route(records, 0, 4, adapter="y")] == [("a", 0, 2), ("b", 2, 4)]
+    assert [s.peer for s in route(records, 0, 4)] == ["fast"]
+    with pytest.raises(
+        jaxseq.MissingAdapterError, match=r"no server of block 2 serves adapter 'x' \(they serve: 'y'\)"
+    ):
+        route(records, 0, 4, adapter="x")
+    with pytest.raises(jaxseq.MissingBlocksError):  # no holder at all: the servers may be coming, so retried
+        route(records[1:2], 0, 4, adapter="x")
 
 
 # --- loading, without servers ---------------------------------------------------------------------

@@ -436,10 +436,15 @@ import torch, transformers, petals
 
 ckpt, peers, prefix, ids = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 max_new_tokens, num_beams = map(int, sys.argv[5:7])
+adapter_name, adapter_dir = sys.argv[7:9] if len(sys.argv) > 7 else (None, None)
 remote = petals.DistributedLlamaForCausalLM.from_pretrained(
-    ckpt, initial_peers=peers, dht_prefix=prefix, torch_dtype=torch.float32, max_retries=3, request_timeout=60
+    ckpt, initial_peers=peers, dht_prefix=prefix, torch_dtype=torch.float32, max_retries=3, request_timeout=60,
+    active_adapter=adapter_name,
 )
 local = transformers.LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+if adapter_dir:  # the reference: this venv's peft (0.5) with the adapter the servers serve
+    import peft
+    local = peft.PeftModel.from_pretrained(local, adapter_dir).base_model.model.eval()
 options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams, pad_token_id=0)
 ids = torch.tensor(ids)
 with torch.no_grad():
@@ -462,12 +467,15 @@ def petals_client_generate(
     max_new_tokens: int = 16,
     num_beams: int = 1,
     timeout: float = 300.0,
+    adapter: tuple[str, os.PathLike | str] | None = None,
 ) -> dict:
     """A real Petals client's ``generate`` (greedy, or beam search with ``num_beams``: it sends hypo_ids)
-    through the swarm, and the same ``generate`` of the local transformers model: ``{"remote", "local"}``."""
+    through the swarm, and the same ``generate`` of the local transformers model: ``{"remote", "local"}``.
+    With ``adapter`` (name, folder), as ``petals_client_fwd_bwd``."""
     stdout = run_in_petals_venv(
         python, _CLIENT_GENERATE, str(checkpoint), json.dumps(list(initial_peers)), dht_prefix,
-        json.dumps([list(map(int, row)) for row in ids]), str(max_new_tokens), str(num_beams), timeout=timeout,
+        json.dumps([list(map(int, row)) for row in ids]), str(max_new_tokens), str(num_beams),
+        *([adapter[0], str(adapter[1])] if adapter else []), timeout=timeout,
     )  # fmt: skip
     results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if not results:

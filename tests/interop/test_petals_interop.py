@@ -24,6 +24,7 @@ from petals_helpers import (
 
 pytestmark = [pytest.mark.petals, pytest.mark.network]
 TOL = 1e-5
+IDS = [[5, 17, 3, 42, 8], [9, 1, 77, 23, 4]]  # prompts for generation
 CLIENT = dict(min_backoff=0.2, max_backoff=1.0, request_timeout=30.0, ban_timeout=10.0, deadline=120.0)
 
 
@@ -117,9 +118,12 @@ def test_petals_client_through_jaxseq_servers(petals_py, petals_checkpoint, jaxs
         assert result[key] < TOL, (key, result)
 
 
-def test_petals_client_with_an_adapter_through_jaxseq_servers(petals_py, petals_checkpoint, jaxseq_servers, tmp_path):
+def test_petals_client_with_an_adapter_trains_and_generates_through_jaxseq_servers(
+    petals_py, petals_checkpoint, jaxseq_servers, tmp_path
+):
     """A Petals client naming a LoRA adapter (``active_adapter``) routes to jaxseq servers that announce it, and
-    its logits and gradients equal the Petals venv's transformers with that adapter loaded by its peft (0.5)."""
+    its logits, gradients and greedy tokens equal the Petals venv's transformers with that adapter loaded by its
+    peft (0.5)."""
     path, cfg, params = petals_checkpoint
     folder = random_adapter(tmp_path / "lora", cfg, rank=4, alpha=8, std=0.05)
     adapted = with_adapter(params, load_adapter(folder, cfg, range(8)).blocks)
@@ -133,10 +137,13 @@ def test_petals_client_with_an_adapter_through_jaxseq_servers(petals_py, petals_
     )
     for key in ("rel_logits", "rel_grad_inputs_embeds", "rel_grad_lm_head", "rel_grad_norm"):
         assert result[key] < TOL, (key, result)
+    generated = petals_client_generate(
+        petals_py, path, [first.maddr], IDS, dht_prefix="interop-lora", adapter=("org/tiny-lora", folder)
+    )  # its inference sessions name the adapter in their opening requests
+    assert generated["remote"] == generated["local"], generated
 
 
 # --- generation ---------------------------------------------------------------------------------
-IDS = [[5, 17, 3, 42, 8], [9, 1, 77, 23, 4]]
 
 
 @pytest.mark.parametrize("num_beams", [1, 2], ids=["greedy", "beam-search"])
