@@ -9,6 +9,8 @@ import asyncio
 import copy
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -329,6 +331,27 @@ def test_what_jaxseq_does_not_compute_is_refused_by_name(llama_adapter, tmp_path
     changed = _changed(folder, tmp_path / case, config, tensors)
     with pytest.raises(ValueError, match=re.escape(named)):
         load_adapter(changed, jaxseq.load_config(path), range(4))
+
+
+@pytest.mark.parametrize(
+    "adapters,message",
+    [
+        (["ADAPTER"], "use_dora=True is not supported by jaxseq's LoRA"),
+        (["a=ADAPTER", "a=ADAPTER"], "adapter names must be unique and not empty; 'a' is not"),
+        (["=ADAPTER"], "NAME=LOCATION needs both parts"),
+    ],
+    ids=["dora", "same-name", "no-name"],
+)
+def test_a_server_given_a_bad_adapter_exits_with_one_line(llama_adapter, tmp_path, adapters, message):
+    _, _, path, folder = llama_adapter
+    dora = _changed(folder, tmp_path / "dora", lambda c: {**c, "use_dora": True})
+    argv = ["--checkpoint", str(path), "--blocks", "0:4", "--dht-prefix", "x", "--new-swarm", "--adapters"]
+    argv += [a.replace("ADAPTER", str(dora if "dora" in message else folder)) for a in adapters]
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseq.server.main", *argv], capture_output=True, text=True, timeout=120
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and message in lines[-1] and "Traceback" not in result.stderr, result.stderr
 
 
 def test_missing_files_are_named(llama_adapter, tmp_path):

@@ -83,8 +83,10 @@ class BlockBackend:
         # LoRA adapters by name, each of exactly these blocks; "" (no adapter) leaves the blocks alone
         self.adapters: dict[str, Adapter] = {}
         for adapter in adapters:
-            if (adapter.start, len(adapter.blocks)) != (start, len(blocks)) or adapter.name in ("", *self.adapters):
-                raise ValueError(f"adapter {adapter.name!r}: need a unique name and blocks {start}:{self.end}")
+            if adapter.name in ("", *self.adapters):
+                raise ValueError(f"adapter names must be unique and not empty; {adapter.name!r} is not")
+            if (adapter.start, len(adapter.blocks)) != (start, len(blocks)):
+                raise ValueError(f"adapter {adapter.name!r} is not of blocks {start}:{self.end}, which this serves")
             self.adapters[adapter.name] = on_device(adapter, device)
         self.dtype = self.blocks[0]["q_proj"].dtype
         self._compiled: set[tuple] = set()
