@@ -36,7 +36,7 @@ from jaxseq.server.batching import StepBatcher
 from jaxseq.server.compute_queue import ComputeQueue
 from jaxseq.testing.reference import block_outputs, fresh_rope
 
-from helpers import Swarms, rel_err
+from helpers import Swarms, matches, random_inputs, rel_err, training_step
 
 TOL = 1e-5
 SEQ = 13
@@ -372,6 +372,25 @@ def test_a_hub_id_is_read_offline_and_named_by_it(llama_adapter, offline_hub):  
     adapter, want = load_adapter(repo, cfg, range(2, 4)), load_adapter(folder, cfg, range(2, 4))
     assert adapter.name == repo == "jaxseq-test/tiny"
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(adapter.blocks, want.blocks) for k in b)
+
+
+def test_a_local_swarm_serves_adapters_as_servers_do(llama_adapter):
+    _, _, path, folder = llama_adapter
+    cfg, params = load_checkpoint(path)
+    adapter = load_adapter(folder, cfg, range(4))
+    adapted = with_adapter(params, adapter.blocks)
+    swarm = jaxseq.LocalSwarm(cfg, params, [(0, 3), (1, 4)], adapters=[adapter])
+    x, prompts = random_inputs(cfg, 2, 7, 3)
+    want = training_step(lambda x, p: local_sequential(cfg, adapted, x, p))(x, prompts)
+    with swarm.sequence_manager(jaxseq.ClientConfig(active_adapter="adapter")) as manager:
+        got = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))(x, prompts)
+        with manager.inference_session(max_length=8, batch_size=2) as session:
+            stepped = session.step(np.asarray(x[:, :5]))
+    assert matches(got, want)
+    assert rel_err(stepped, local_sequential(cfg, adapted, x[:, :5])) < TOL
+    with swarm.sequence_manager(jaxseq.ClientConfig(active_adapter="nope")) as manager:
+        with pytest.raises(jaxseq.MissingAdapterError, match="adapter 'nope'"), jaxseq.swarm_errors(manager):
+            jaxseq.remote_sequential(x, None, manager)
 
 
 # --- what a backend keeps apart ---------------------------------------------------------------------

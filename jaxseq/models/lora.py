@@ -65,6 +65,20 @@ class Adapter:
     rank: int
     scaling: float
 
+    def span(self, start: int, end: int) -> Adapter:
+        """The adapter of blocks ``start..end-1`` only (a server's share of it).
+
+        Example:
+            >>> adapter = load_adapter(random_adapter(tmp / "whole", cfg, rank=2), cfg, range(4))
+            >>> adapter.span(2, 4).start, len(adapter.span(2, 4).blocks)
+            (2, 2)
+        """
+        if not self.start <= start < end <= self.start + len(self.blocks):
+            raise ValueError(
+                f"blocks {start}:{end} are not all within the adapter's {self.start}:{self.start + len(self.blocks)}"
+            )
+        return dataclasses.replace(self, start=start, blocks=self.blocks[start - self.start : end - self.start])
+
     def shapes(self, start: int, end: int) -> tuple:
         """The names and shapes of its arrays over blocks ``start..end-1``: what a function compiled with them
         depends on (their values are arguments)."""
