@@ -185,6 +185,7 @@ class BlockBackend:
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters served, by the names requests pick them with (and servers announce)."""
         return tuple(self.adapters)
 
     def _windows(self, start: int, end: int) -> tuple[int, ...]:
