@@ -217,21 +217,24 @@ def test_an_inference_session_keeps_the_adapter_of_its_first_request(adapted_swa
     with _manager(adapted_swarm, None) as manager:
         peer = PeerID.from_base58(next(r.peer for r in manager.records if r.start == 0))
 
-        async def session(*requests: runtime_pb2.ExpertRequest) -> list:
+        async def replies(*requests: runtime_pb2.ExpertRequest) -> list:
+            """A reply per request, the stream left open meanwhile as a client's session leaves it."""
+
             async def sent():
                 for one in requests:
                     yield one
+                await asyncio.sleep(60)
 
             name = f"{protocol.HANDLER}.rpc_inference"
             stream = await manager._open_p2p.iterate_protobuf_handler(peer, name, sent(), runtime_pb2.ExpertResponse)
-            return [reply async for reply in stream]
+            return [await asyncio.wait_for(stream.__anext__(), 30) for _ in requests]
 
         with pytest.raises(Exception, match="adapter 'nope' not found: this server serves 'my-lora', 'renamed'"):
-            manager.run(session(request(max_length=8, active_adapter="nope")))
+            manager.run(replies(request(max_length=8, active_adapter="nope")))
         with pytest.raises(Exception, match="must name adapter 'renamed', as its first request did"):
-            manager.run(session(request(max_length=8, active_adapter="renamed"), request(active_adapter="my-lora")))
+            manager.run(replies(request(max_length=8, active_adapter="renamed"), request(active_adapter="my-lora")))
         opened = request(max_length=8, active_adapter="renamed")
-        assert len(manager.run(session(opened, request(active_adapter="renamed")))) == 2
+        assert len(manager.run(replies(opened, request(active_adapter="renamed")))) == 2
 
 
 def test_routing_takes_only_servers_announcing_the_adapter():
