@@ -31,6 +31,9 @@ class ClientConfig:
         alloc_timeout: seconds an inference session may wait for a server's attention cache.
         server_to_server: in inference sessions, ask each server to push its outputs straight to the next
             server's session too (Petals' ``next_servers``), saving the next server a round trip.
+        active_adapter: the name of a LoRA adapter that servers apply to every forward, backward and inference
+            step (Petals' ``active_adapter``: what ``jaxseq-server --adapters`` or Petals' ``--adapters`` announce);
+            only servers announcing it are routed to. None: the blocks as they are.
 
     Example:
         >>> cfg = ClientConfig(max_retries=3, deadline=30.0)
@@ -52,6 +55,7 @@ class ClientConfig:
     shared_memory: bool = True
     alloc_timeout: float = 10.0
     server_to_server: bool = True
+    active_adapter: str | None = None
 
     def __post_init__(self):
         if self.alloc_timeout < 0:
@@ -69,6 +73,10 @@ class ClientConfig:
             raise ValueError(f"unknown compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)}")
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ValueError(f"verify_fraction must be within [0, 1], got {self.verify_fraction}")
+        if self.active_adapter is not None and not (isinstance(self.active_adapter, str) and self.active_adapter):
+            raise ValueError(
+                f"ClientConfig.active_adapter must be an adapter's name or None, got {self.active_adapter!r}"
+            )
         if self.allowed_servers is not None:
             object.__setattr__(self, "allowed_servers", tuple(self.allowed_servers))
 

@@ -39,6 +39,24 @@ class MissingBlocksError(SwarmError):
         )
 
 
+class MissingAdapterError(SwarmError):
+    """Servers hold a block the call needs, but none of them announces the LoRA adapter it names
+    (``ClientConfig.active_adapter``). Not retried: adapters are loaded when a server starts.
+
+    Example:
+        >>> print(MissingAdapterError(2, "org/my-lora", {"org/other"}))
+        MissingAdapterError: no server of block 2 serves adapter 'org/my-lora' (they serve: 'org/other'). ...
+    """
+
+    def __init__(self, block: int, adapter: str, served: set[str]):
+        self.block, self.adapter = block, adapter
+        listed = ", ".join(repr(name) for name in sorted(served)) or "no adapters"
+        super().__init__(
+            f"no server of block {block} serves adapter {adapter!r} (they serve: {listed}). Check "
+            "ClientConfig.active_adapter, or start servers with jaxseq-server --adapters ..."
+        )
+
+
 class RemoteCallError(SwarmError):
     """Calls for a span kept failing until ``max_retries`` or ``deadline`` ran out.
 

@@ -192,7 +192,7 @@ class SequenceManager(abc.ABC):
         ``cache_tokens``, for an inference session of that batch times length."""
         return route(
             self._records, start, end, banned=self._active_bans(), rtt=self._rtt, tokens=tokens, rng=self._rng,
-            cache_tokens=cache_tokens,
+            cache_tokens=cache_tokens, adapter=self.config.active_adapter,
         )  # fmt: skip
 
     async def ping(self, peer: str) -> float | None:
@@ -229,8 +229,10 @@ class SequenceManager(abc.ABC):
         return self._banned
 
     def alternatives(self, span: Span) -> list[str]:
-        """Other online, unbanned servers holding all of ``span``, fastest first (for cross-checks)."""
+        """Other online, unbanned servers holding all of ``span`` (and the active adapter), fastest first (for
+        cross-checks)."""
         banned = self._active_bans()
+        adapter = self.config.active_adapter
         holders = [
             r
             for r in self._records
@@ -239,6 +241,7 @@ class SequenceManager(abc.ABC):
             and span.end <= r.end
             and r.peer != span.peer
             and r.peer not in banned
+            and (not adapter or adapter in r.info.adapters)
         ]
         return [r.peer for r in sorted(holders, key=lambda r: -r.info.throughput)]
 

@@ -217,7 +217,7 @@ class RemoteSequenceManager(SequenceManager):
 
     # --- the wire ------------------------------------------------------------------------------
     def _metadata(self, cache_id: str, inputs_cached: bool) -> dict:
-        metadata = {"points": 0.0, "active_adapter": ""}
+        metadata = {"points": 0.0, "active_adapter": self.config.active_adapter or ""}
         if cache_id:
             metadata[protocol.CACHE_ID_KEY] = cache_id
         if inputs_cached:
@@ -448,7 +448,8 @@ class RemoteServerSession:
         next_servers: list[tuple[str, str, int, int]],
         timeout: float,
     ) -> np.ndarray:
-        metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id}
+        adapter = self.manager.config.active_adapter or ""
+        metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id, "active_adapter": adapter}
         if not self._stepped:
             metadata.update(max_length=self.max_length, alloc_timeout=self.manager.config.alloc_timeout, points=0.0)
         if start_from_position is not None:

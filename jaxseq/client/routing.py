@@ -6,7 +6,7 @@ import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 
-from jaxseq.client.errors import MissingBlocksError
+from jaxseq.client.errors import MissingAdapterError, MissingBlocksError
 from jaxseq.remote.records import ServerRecord, ServerState
 
 
@@ -39,6 +39,7 @@ def route(
     tokens: int = 1,
     rng: random.Random | None = None,
     cache_tokens: int = 0,
+    adapter: str | None = None,
 ) -> list[Span]:
     """The chain of spans covering blocks ``start..end-1`` that is expected to run fastest, by the Petals paper's
     rule: each span costs a round trip to its server (``rtt``, seconds, as measured; unmeasured servers count as
@@ -51,10 +52,12 @@ def route(
     Banned peers (``banned`` maps peer to the time of its ban) are avoided, but a ban never makes a block
     unreachable on its own: when every holder of a block is banned, the one banned longest ago is used. With
     ``cache_tokens`` (an inference session's batch times its length), servers that announce too little
-    attention cache for it are avoided likewise (Petals' unit: one token's keys, or values, in one block).
+    attention cache for it are avoided likewise (Petals' unit: one token's keys, or values, in one block). With
+    ``adapter``, only servers announcing that LoRA adapter are routed to.
 
     Raises:
         MissingBlocksError: no online server holds some block in the range.
+        MissingAdapterError: servers hold some block, but none of them announces ``adapter``.
 
     Example:
         >>> route([ServerRecord("a", 0, 4), ServerRecord("b", 2, 8)], 0, 8)
@@ -66,8 +69,13 @@ def route(
     rng = rng or random.Random(0)
     online = [r for r in records if r.info.state == ServerState.ONLINE]
     for block in range(start, end):
-        if not any(r.start <= block < r.end for r in online):
+        holders = [r for r in online if r.start <= block < r.end]
+        if not holders:
             raise MissingBlocksError(block, f"no server in the swarm announces it (route {start}:{end})")
+        if adapter and not any(adapter in r.info.adapters for r in holders):
+            raise MissingAdapterError(block, adapter, {a for r in holders for a in r.info.adapters})
+    if adapter:
+        online = [r for r in online if adapter in r.info.adapters]
     measured = sorted(rtt[r.peer] for r in online if r.peer in rtt)
     unmeasured = measured[len(measured) // 2] if measured else DEFAULT_RTT
 

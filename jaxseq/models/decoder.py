@@ -23,6 +23,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxseq.models.config import ModelConfig
 
 BlockParams = dict[str, jax.Array]
+# A projection's LoRA pair, when a block has one, is under these names (``jaxseq.models.lora``).
+LORA_A, LORA_B = "{}_lora_a", "{}_lora_b"
 # One block: (config, its parameters, hidden states, rotary cos, rotary sin, attention window) -> hidden states
 BlockFunction = Callable[[ModelConfig, BlockParams, jax.Array, jax.Array, jax.Array, int], jax.Array]
 
@@ -96,9 +98,13 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def _linear(p: BlockParams, name: str, h: jax.Array) -> jax.Array:
+    """The projection ``name`` of ``h``: its matrix, its bias if any, and its LoRA pair if any
+    (``jaxseq.models.lora``: ``B`` holds the adapter's scaling), summed in ``peft``'s order."""
     out = h @ p[name]
     bias = p.get(f"{name}_bias")
-    return out if bias is None else out + bias
+    out = out if bias is None else out + bias
+    lora_a = p.get(LORA_A.format(name))
+    return out if lora_a is None else out + (h @ lora_a) @ p[LORA_B.format(name)]
 
 
 def _queries_keys_values(

@@ -116,6 +116,7 @@ class SessionCache:
     pages: np.ndarray  # [blocks, batch, pages per row], int32
     pool: AttentionCache
     pool_blocks: range  # the session's blocks, as indices into the pool's
+    adapter: str = ""  # the LoRA adapter of all its steps ("": none)
     position: int = 0
     in_flight: int = 0
     ended: bool = False

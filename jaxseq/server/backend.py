@@ -21,6 +21,7 @@ from jaxseq.arrays import copy_padded
 from jaxseq.memory import MemoryPool, PrivateMemory, round_up
 from jaxseq.models.config import ModelConfig
 from jaxseq.models.decoder import BlockParams, run_span, run_span_step
+from jaxseq.models.lora import Adapter, on_device, with_adapter
 from jaxseq.models.registry import family_of
 from jaxseq.server.activation_cache import ActivationCache, CacheMiss
 from jaxseq.server.attention_cache import PAGE_TOKENS, AttentionCache, SessionCache, pages_for
@@ -72,12 +73,21 @@ class BlockBackend:
         cache_ttl: float = ServerConfig.cache_ttl,
         attn_cache_tokens: int | None = None,
         device: jax.Device | None = None,
+        adapters: Sequence[Adapter] = (),
     ):
         self.cfg = cfg
         self.start = start
         self.cache = ActivationCache(cache_bytes, cache_ttl)
         self.device = device  # where the blocks live and compute; None: JAX's default device
         self.blocks = [jax.device_put(b, device) for b in blocks]
+        # LoRA adapters by name, each of exactly these blocks; "" (no adapter) leaves the blocks alone
+        self.adapters: dict[str, Adapter] = {}
+        for adapter in adapters:
+            if adapter.name in ("", *self.adapters):
+                raise ValueError(f"adapter names must be unique and not empty; {adapter.name!r} is not")
+            if (adapter.start, len(adapter.blocks)) != (start, len(blocks)):
+                raise ValueError(f"adapter {adapter.name!r} is not of blocks {start}:{self.end}, which this serves")
+            self.adapters[adapter.name] = on_device(adapter, device)
         self.dtype = self.blocks[0]["q_proj"].dtype
         self._compiled: set[tuple] = set()
         self._lock = threading.Lock()
@@ -156,24 +166,40 @@ class BlockBackend:
 
     @property
     def compile_count(self) -> int:
-        """Distinct (stage, span's attention windows, shape bucket) combinations compiled so far."""
+        """Distinct (stage, span's attention windows, adapter's shapes, shape bucket) combinations compiled so far."""
         return len(self._compiled)
 
-    def _span(self, start: int, end: int) -> list[BlockParams]:
+    def _span(self, start: int, end: int, adapter: str = "") -> list[BlockParams]:
+        """Blocks ``start..end-1``'s parameters, with ``adapter``'s LoRA pairs where it has them."""
         if not self.start <= start < end <= self.end:
             raise ValueError(f"blocks {start}:{end} are not all within the served blocks {self.start}:{self.end}")
-        return self.blocks[start - self.start : end - self.start]
+        blocks = self.blocks[start - self.start : end - self.start]
+        if not adapter:
+            return blocks
+        return with_adapter(blocks, self._adapter(adapter).blocks[start - self.start : end - self.start])
+
+    def _adapter(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            raise ValueError(f"adapter {name[:100]!r} not found: this server serves {self.adapter_names or 'none'}")
+        return self.adapters[name]
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters served, by the names requests pick them with (and servers announce)."""
+        return tuple(self.adapters)
 
     def _windows(self, start: int, end: int) -> tuple[int, ...]:
         return tuple(self.cfg.window(block) for block in range(start, end))
 
-    def _padded(self, stage: str, start: int, end: int, x: np.ndarray, prompts: np.ndarray, *extra: np.ndarray):
+    def _padded(
+        self, stage: str, start: int, end: int, adapter: str, x: np.ndarray, prompts: np.ndarray, *extra: np.ndarray
+    ):
         batch, seq, _ = x.shape
         sizes = {0: bucket(batch), 1: bucket(seq)}
         x_p = self._padded_copy(x, sizes)
         prompts_p = self._padded_copy(prompts, {1: sizes[0]})
         extra_p = [self._padded_copy(e, sizes) for e in extra]
-        self._count_compile(stage, self._windows(start, end), x_p.shape, prompts_p.shape)
+        self._count_compile(stage, start, end, adapter, x_p.shape, prompts_p.shape)
         return x_p, prompts_p, extra_p
 
     def _padded_copy(self, a: np.ndarray, axis_sizes: dict[int, int]) -> jax.Array:
@@ -200,26 +226,37 @@ class BlockBackend:
         with self._lock:
             self.transfer_s += time.perf_counter() - started
 
-    def _count_compile(self, stage: str, windows: tuple[int, ...], x_shape: tuple, prompts_shape: tuple) -> None:
+    def _count_compile(
+        self, stage: str, start: int, end: int, adapter: str, x_shape: tuple, prompts_shape: tuple
+    ) -> None:
+        # adapters of the same shapes share their compiled functions: their arrays are arguments
+        shapes = self._adapter(adapter).shapes(start, end) if adapter else ()
         with self._lock:
-            self._compiled.add((stage, windows, x_shape, prompts_shape))
+            self._compiled.add((stage, self._windows(start, end), shapes, x_shape, prompts_shape))
 
     def forward(
-        self, x: np.ndarray, prompts: np.ndarray, start: int, end: int, cache_key: Hashable | None = None
+        self,
+        x: np.ndarray,
+        prompts: np.ndarray,
+        start: int,
+        end: int,
+        cache_key: Hashable | None = None,
+        adapter: str = "",
     ) -> np.ndarray:
-        """Hidden states after blocks ``start..end-1``; ``prompts`` is ``[end-start, batch, prompt_len, hidden]``.
+        """Hidden states after blocks ``start..end-1``; ``prompts`` is ``[end-start, batch, prompt_len, hidden]``;
+        ``adapter``: the name of a LoRA adapter of this backend's to apply, or "" for none.
 
         With ``cache_key``, the activations are kept (see ``ActivationCache``) so that a backward
-        with the same key and inputs needn't recompute the forward.
+        with the same key, adapter and inputs needn't recompute the forward.
         """
         batch, seq, _ = x.shape
-        x_p, prompts_p, _ = self._padded("forward", start, end, x, prompts)
-        blocks, windows, seq_len = self._span(start, end), self._windows(start, end), np.int32(seq)
+        x_p, prompts_p, _ = self._padded("forward", start, end, adapter, x, prompts)
+        blocks, windows, seq_len = self._span(start, end, adapter), self._windows(start, end), np.int32(seq)
         if cache_key is None:
             out = self._forward(windows, blocks, x_p, prompts_p, seq_len)
         else:
             out, vjp = jax.vjp(lambda x_, p_: self._forward(windows, blocks, x_, p_, seq_len), x_p, prompts_p)
-            self.cache.put((cache_key, start, end), x_p, prompts_p, vjp, x.shape, (x.dtype, prompts.dtype))
+            self.cache.put((cache_key, start, end, adapter), x_p, prompts_p, vjp, x.shape, (x.dtype, prompts.dtype))
         return self._on_host(out, (slice(batch), slice(seq)), x.dtype)
 
     def backward(
@@ -230,25 +267,27 @@ class BlockBackend:
         start: int,
         end: int,
         cache_key: Hashable | None = None,
+        adapter: str = "",
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Gradients w.r.t. the span's inputs and (if ``prompt_len > 0``) its prompts."""
-        x_p, prompts_p, (grad_p,) = self._padded("backward", start, end, x, prompts, grad_out)
-        saved = None if cache_key is None else self.cache.take((cache_key, start, end), x_p, prompts_p)
+        """Gradients w.r.t. the span's inputs and (if ``prompt_len > 0``) its prompts, with ``adapter`` applied."""
+        x_p, prompts_p, (grad_p,) = self._padded("backward", start, end, adapter, x, prompts, grad_out)
+        saved = None if cache_key is None else self.cache.take((cache_key, start, end, adapter), x_p, prompts_p)
         if saved is not None:
             grads = saved.vjp(grad_p)
         else:
-            seq_len = np.int32(x.shape[1])
-            grads = self._backward(self._windows(start, end), self._span(start, end), x_p, prompts_p, seq_len, grad_p)
+            seq_len, blocks = np.int32(x.shape[1]), self._span(start, end, adapter)
+            grads = self._backward(self._windows(start, end), blocks, x_p, prompts_p, seq_len, grad_p)
         return self._unpadded(grads, x.shape, (x.dtype, prompts.dtype), prompts.shape[2])
 
     def backward_of_cached(
-        self, grad_out: np.ndarray, start: int, end: int, cache_key: Hashable
+        self, grad_out: np.ndarray, start: int, end: int, cache_key: Hashable, adapter: str = ""
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``backward`` of the forward kept under ``cache_key``, whose inputs needn't be sent again.
+        """``backward`` of the forward kept under ``cache_key`` (with the same ``adapter``), whose inputs
+        needn't be sent again.
 
         Raises ``CacheMiss`` when none is kept (evicted, expired, or computed elsewhere).
         """
-        saved = self.cache.take((cache_key, start, end))
+        saved = self.cache.take((cache_key, start, end, adapter))
         if saved is None:
             raise CacheMiss(f"no forward of blocks {start}:{end} is kept under this cache id; send the inputs")
         if grad_out.shape != saved.shape:
@@ -257,7 +296,7 @@ class BlockBackend:
             )
         padded_shape = saved.x.shape
         grad_p = self._padded_copy(grad_out, {0: padded_shape[0], 1: padded_shape[1]})
-        self._count_compile("backward", self._windows(start, end), padded_shape, saved.prompts.shape)
+        self._count_compile("backward", start, end, adapter, padded_shape, saved.prompts.shape)
         return self._unpadded(saved.vjp(grad_p), saved.shape, saved.dtypes, saved.prompts.shape[2])
 
     def _unpadded(
@@ -271,15 +310,18 @@ class BlockBackend:
         return grad_x, self._on_host(grads[1], (slice(None), slice(batch)), dtypes[1])
 
     # --- inference ------------------------------------------------------------------------------
-    async def open_session(self, batch: int, max_length: int, start: int, end: int, timeout: float) -> SessionCache:
-        """A session of ``batch`` rows and ``max_length`` positions through blocks ``start..end-1``: its pages
-        in the attention cache, waited for up to ``timeout`` seconds (else ``CacheFull``). ``close()`` it."""
-        self._span(start, end)
+    async def open_session(
+        self, batch: int, max_length: int, start: int, end: int, timeout: float, adapter: str = ""
+    ) -> SessionCache:
+        """A session of ``batch`` rows and ``max_length`` positions through blocks ``start..end-1`` (all its steps
+        with ``adapter``, as Petals' sessions): its pages in the attention cache, waited for up to ``timeout``
+        seconds (else ``CacheFull``). ``close()`` it."""
+        self._span(start, end, adapter)
         blocks = range(start - self.start, end - self.start)
         per_row = pages_for(max_length)
         pages = await self.attention_cache.allocate(blocks, batch * per_row, timeout)
         return SessionCache(start, end, batch, max_length, pages.reshape(len(blocks), batch, per_row),
-                            self.attention_cache, blocks)  # fmt: skip
+                            self.attention_cache, blocks, adapter=adapter)  # fmt: skip
 
     def no_prompts(self, session: SessionCache) -> np.ndarray:
         """Empty deep prompts for a step of ``session``."""
@@ -293,7 +335,7 @@ class BlockBackend:
         batch, prompt_len, hidden]``) are added before each block to the step's first positions;
         ``hypo_ids`` first reorder the session's rows (beam search)."""
         first = steps[0].session
-        start, end = first.start, first.end
+        start, end, adapter = first.start, first.end, first.adapter
         n_max = max(step.x.shape[1] for step in steps)
         n = bucket(n_max) if all(s.session.position + bucket(n_max) <= s.session.capacity for s in steps) else n_max
         # Rows and pages per row vary with who is batched together: powers of two keep their compiles few.
@@ -308,8 +350,8 @@ class BlockBackend:
         row = 0
         for step in steps:
             session, batch, new = step.session, step.session.batch, step.x.shape[1]
-            if (session.start, session.end) != (start, end) or session.pages.shape[2] == 0:
-                raise ValueError("steps computed together must be of open sessions through the same blocks")
+            if (session.start, session.end, session.adapter) != (start, end, adapter) or session.pages.shape[2] == 0:
+                raise ValueError("steps computed together must be of open sessions through the same blocks and adapter")
             place = slice(row, row + batch)
             x[place, :new] = step.x
             prompts[:, place, : step.prompts.shape[2]] = step.prompts
@@ -321,13 +363,13 @@ class BlockBackend:
         reorder = any(step.hypo_ids is not None for step in steps)
         inputs = jax.device_put((x, prompts, tables, positions, seq_lens, order), self.device)  # one transfer
         self._count_transfer(started)
-        windows = self._windows(start, end)
-        self._count_compile("step", windows, (reorder, *x.shape), (*prompts.shape, width))
+        windows, blocks = self._windows(start, end), self._span(start, end, adapter)
+        self._count_compile("step", start, end, adapter, (reorder, *x.shape), (*prompts.shape, width))
         with self._pages_lock:
             if not self._pages:
                 self._pages = self._empty_pages()
             span = slice(start - self.start, end - self.start)
-            out, self._pages[span] = self._step(windows, reorder, self._span(start, end), self._pages[span], *inputs)
+            out, self._pages[span] = self._step(windows, reorder, blocks, self._pages[span], *inputs)
         outputs, row = [], 0
         for step in steps:
             batch, new = step.session.batch, step.x.shape[1]

@@ -67,6 +67,20 @@ def check_dialable(maddr: str) -> str:
     return maddr
 
 
+def parse_adapter(text: str) -> tuple[str | None, str]:
+    """An ``--adapters`` entry, ``NAME=LOCATION`` or ``LOCATION`` (a folder or a hub id), as ``(NAME or None,
+    LOCATION)``; without a name, the adapter is named by its hub id, or its folder's name.
+
+    Example:
+        >>> parse_adapter("mine=./adapters/run-3"), parse_adapter("org/name")
+        (('mine', './adapters/run-3'), (None, 'org/name'))
+    """
+    name, separator, location = text.rpartition("=")
+    if separator and not (name and location):
+        raise argparse.ArgumentTypeError(f"--adapters entry {text!r}: NAME=LOCATION needs both parts")
+    return (name or None), location
+
+
 class _HelpWithDefaults(argparse.HelpFormatter):
     """Each option's help ends with its default, where it has a value to show (not for flags or None)."""
 
@@ -137,6 +151,14 @@ class ServerConfig:
             choices=MATMUL_PRECISIONS,
         ),
     )
+    adapters: tuple[tuple[str | None, str], ...] = dataclasses.field(
+        default=(),
+        metadata=_option(
+            "PEFT LoRA adapters to serve, each a folder, a hub id (org/name) or NAME=LOCATION; requests pick one "
+            "by name (Petals' active_adapter): the hub id, the folder's name, or NAME",
+            nargs="+", type=parse_adapter, metavar="ADAPTER",
+        ),
+    )  # fmt: skip
     throughput: float | None = dataclasses.field(
         default=None, metadata=_option("announced tokens/s per block (measured at start if omitted)", type=float)
     )
@@ -267,7 +289,7 @@ class ServerConfig:
         """Parse ``argv`` (the process's arguments when None); bad arguments exit with argparse's usage line."""
         parser = cls.parser()
         args = vars(parser.parse_args(argv))
-        for name in ("initial_peers", "host_maddrs", "announce_maddrs", "allowed_clients"):
+        for name in ("initial_peers", "host_maddrs", "announce_maddrs", "allowed_clients", "adapters"):
             if args[name] is not None:
                 args[name] = tuple(args[name])
         try:

@@ -145,8 +145,8 @@ class TransformerConnectionHandler(ServicerBase):
         start, end = self._served(request.uids)
         arrays, result_places = self._arrays(request)
         hidden, prompts = validation.forward_inputs(arrays, end - start, self.limits)
-        key = self._cache_key(request, context)
-        out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key)
+        key, adapter = self._cache_key(request, context), self._adapter(request.metadata)
+        out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key, adapter)
         self.computed["forward"] += 1
         return await self._reply(request, [out], result_places, stream, timing, arrived)
 
@@ -173,18 +173,22 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
         arrays, result_places = self._arrays(request)
-        key = self._cache_key(request, context)
+        key, adapter = self._cache_key(request, context), self._adapter(request.metadata)
         if request.metadata.get(protocol.INPUTS_CACHED_KEY) is True:
             if key is None:
                 raise ProtocolError(f"a backward without its inputs must name its forward's {protocol.CACHE_ID_KEY}")
             grad_outputs = validation.cached_backward_inputs(arrays, end - start, self.limits)
             try:
-                grads, timing = await self._compute(self.backend.backward_of_cached, grad_outputs, start, end, key)
+                grads, timing = await self._compute(
+                    self.backend.backward_of_cached, grad_outputs, start, end, key, adapter
+                )
             except CacheMiss as miss:
                 raise ProtocolError(str(miss), ErrorKind.CACHE_MISS) from None
         else:
             inputs, grad_outputs, prompts = validation.backward_inputs(arrays, end - start, self.limits)
-            grads, timing = await self._compute(self.backend.backward, inputs, prompts, grad_outputs, start, end, key)
+            grads, timing = await self._compute(
+                self.backend.backward, inputs, prompts, grad_outputs, start, end, key, adapter
+            )
         grad_inputs, grad_prompts = grads
         self.computed["backward"] += 1
         results = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
@@ -212,7 +216,7 @@ class TransformerConnectionHandler(ServicerBase):
             )
             ends = time.monotonic() + self.session_timeout
             session = await self.backend.open_session(
-                opening.batch, opening.max_length, start, end, opening.alloc_timeout
+                opening.batch, opening.max_length, start, end, opening.alloc_timeout, self._adapter(metadata)
             )
             try:
                 with self.sessions.open(opening.session_id) as pushes:
@@ -254,6 +258,11 @@ class TransformerConnectionHandler(ServicerBase):
             raise ProtocolError(f"a step of this session must name blocks {start}:{end}, as its first request did")
         metadata = protocol.decode_metadata(request.metadata)
         self._check_metadata(metadata)
+        if "active_adapter" in metadata and self._adapter(metadata) != session.adapter:
+            raise ProtocolError(
+                f"a step of this session must name adapter {session.adapter!r}, as its first request did "
+                f"(this one names {self._adapter(metadata)!r})"
+            )
         rollback = metadata.get("start_from_position")
         if rollback is not None:
             if not 0 <= rollback <= session.position:
@@ -341,12 +350,18 @@ class TransformerConnectionHandler(ServicerBase):
             )
         return self.shared_memory.arrays(spec)
 
-    @staticmethod
-    def _check_metadata(metadata: dict) -> None:
+    def _check_metadata(self, metadata: dict) -> None:
         validation.check_metadata(metadata)
-        adapter = metadata.get("active_adapter")
-        if adapter:  # as a Petals server without that adapter does: refuse rather than compute without it
-            raise ProtocolError(f"adapter {str(adapter)[:100]!r} not found: this server serves no adapters")
+        self._adapter(metadata)
+
+    def _adapter(self, metadata: dict) -> str:
+        """The LoRA adapter a request names (``active_adapter``; "" for none). One this server lacks is refused,
+        as a Petals server refuses it, rather than computed without."""
+        adapter = metadata.get("active_adapter") or ""
+        if adapter and adapter not in self.backend.adapters:
+            served = ", ".join(repr(name) for name in self.backend.adapters) or "none"
+            raise ProtocolError(f"adapter {adapter[:100]!r} not found: this server serves {served}")
+        return adapter
 
     async def _reply(
         self, request: Request, results: list, result_places: list | None, stream: bool, timing: dict, arrived: float

@@ -25,6 +25,7 @@ from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS
 
 from jaxseq.arrays import DTYPES
 from jaxseq.models.checkpoint import load_checkpoint
+from jaxseq.models.lora import load_adapter
 from jaxseq.remote import dht, shm
 from jaxseq.remote.records import PROTOCOL_VERSION, ServerInfo, ServerState
 from jaxseq.server.backend import BlockBackend
@@ -60,12 +61,12 @@ def _visible_maddr(node: hivemind.DHT) -> str:
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
     """Load the blocks, join the swarm, announce and serve until ``stop`` is set (or SIGTERM/SIGINT)."""
     start, end = config.blocks
-    cfg, params = load_checkpoint(
-        config.checkpoint, blocks=range(start, end), dtype=DTYPES[config.dtype], revision=config.revision
-    )
+    dtype = DTYPES[config.dtype]
+    cfg, params = load_checkpoint(config.checkpoint, blocks=range(start, end), dtype=dtype, revision=config.revision)
+    adapters = [load_adapter(location, cfg, range(start, end), dtype, name=name) for name, location in config.adapters]
     backend = BlockBackend(
         cfg, params, start=start, cache_bytes=config.cache_bytes, cache_ttl=config.cache_ttl,
-        attn_cache_tokens=config.attn_cache_tokens,
+        attn_cache_tokens=config.attn_cache_tokens, adapters=adapters,
     )  # fmt: skip
     throughput = config.throughput or measure_throughput(backend)
     expiration = max(2 * config.update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS)
@@ -78,6 +79,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
             forward_rps=throughput, torch_dtype=config.dtype, quant_type="none", using_relay=config.use_auto_relay,
             cache_tokens_left=handler.cache_tokens_left, machine=shm.machine_id() if config.shared_memory else None,
             cached_backward=config.cache_mb > 0 and config.cache_ttl > 0, family=cfg.family,
+            adapters=backend.adapter_names,
         )  # fmt: skip
 
     identity = {"identity_path": config.identity} if config.identity else {}

@@ -28,6 +28,7 @@ from jaxseq.client.manager import SequenceManager
 from jaxseq.client.routing import Span
 from jaxseq.models.config import ModelConfig
 from jaxseq.models.decoder import BlockParams
+from jaxseq.models.lora import Adapter
 from jaxseq.remote.records import ServerInfo, ServerRecord, ServerState
 from jaxseq.server.attention_cache import CacheFull, SessionCache
 from jaxseq.server.backend import BlockBackend
@@ -78,7 +79,10 @@ class EmulatedServer:
         self.alive = False
 
     def record(self) -> ServerRecord:
-        info = ServerInfo(state=ServerState.ONLINE, throughput=self.throughput, family=self.backend.cfg.family)
+        info = ServerInfo(
+            state=ServerState.ONLINE, throughput=self.throughput, family=self.backend.cfg.family,
+            adapters=self.backend.adapter_names,
+        )  # fmt: skip
         return ServerRecord(self.name, self.start, self.end, info)
 
     async def handle(self, stage: str, compute, *args):
@@ -96,7 +100,8 @@ class EmulatedServer:
 
 class LocalSwarm:
     """An emulated swarm: ``servers[i]`` holds ``spans[i]``; all compute with jit in this process, on
-    ``device`` (default ``servers_device()``).
+    ``device`` (default ``servers_device()``). Every server serves its blocks' share of ``adapters`` (LoRA
+    adapters of all the blocks, ``jaxseq.models.lora``), picked by ``ClientConfig.active_adapter``.
 
     Example:
         >>> swarm = LocalSwarm(cfg, params, spans=[(0, 2), (1, 4)])
@@ -114,6 +119,7 @@ class LocalSwarm:
         spans: Sequence[tuple[int, int]],
         throughputs: Sequence[float] | None = None,
         device: jax.Device | None = None,
+        adapters: Sequence[Adapter] = (),
     ):
         n = len(params)
         for start, end in spans:
@@ -123,8 +129,13 @@ class LocalSwarm:
         device = device or servers_device()
         self.cfg = cfg
         self.num_blocks = n
+
+        def backend(start: int, end: int) -> BlockBackend:
+            shares = [adapter.span(start, end) for adapter in adapters]
+            return BlockBackend(cfg, params[start:end], start=start, device=device, adapters=shares)
+
         self.servers = [
-            EmulatedServer(f"local-{i}", BlockBackend(cfg, params[start:end], start=start, device=device), throughput)
+            EmulatedServer(f"local-{i}", backend(start, end), throughput)
             for i, ((start, end), throughput) in enumerate(zip(spans, throughputs))
         ]
 
@@ -139,6 +150,7 @@ class LocalSequenceManager(SequenceManager):
     def __init__(self, swarm: LocalSwarm, config: ClientConfig, seed: int | None = 0):
         super().__init__(config, seed=seed, name="jaxseq-local-swarm")
         self.swarm = swarm
+        self._adapter = config.active_adapter or ""
         self._servers = {s.name: s for s in swarm.servers}
         self.run(self.refresh())
 
@@ -160,14 +172,15 @@ class LocalSequenceManager(SequenceManager):
     async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
         server = self._servers[span.peer]
         return await server.handle(
-            "forward", server.backend.forward, x, prompts, span.start, span.end, cache_id or None
+            "forward", server.backend.forward, x, prompts, span.start, span.end, cache_id or None, self._adapter
         )
 
     async def _call_backward(self, span, x, grad_out, prompts, cache_id):
         server = self._servers[span.peer]
         return await server.handle(
-            "backward", server.backend.backward, x, prompts, grad_out, span.start, span.end, cache_id or None
-        )
+            "backward", server.backend.backward, x, prompts, grad_out, span.start, span.end, cache_id or None,
+            self._adapter,
+        )  # fmt: skip
 
     async def _open_server_session(self, span: Span, max_length: int, batch_size: int) -> LocalServerSession:
         server = self._servers[span.peer]
@@ -175,7 +188,9 @@ class LocalSequenceManager(SequenceManager):
             raise ServerFailure(server.name, "connection refused (server is down)", reachable=False)
         alloc_timeout = self.config.alloc_timeout
         try:
-            cache = await server.backend.open_session(batch_size, max_length, span.start, span.end, alloc_timeout)
+            cache = await server.backend.open_session(
+                batch_size, max_length, span.start, span.end, alloc_timeout, self._adapter
+            )
         except CacheFull as error:
             raise ServerFailure(server.name, str(error), reachable=True) from None
         return LocalServerSession(server, span, cache)

@@ -344,15 +344,22 @@ import json, sys, time
 import torch, transformers, petals
 
 ckpt, peers, prefix, batch, seq, seed = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:7])
+adapter_name, adapter_dir = sys.argv[7:9] if len(sys.argv) > 7 else (None, None)
 torch.manual_seed(seed)
 t0 = time.perf_counter()
 remote = petals.DistributedLlamaForCausalLM.from_pretrained(
-    ckpt, initial_peers=peers, dht_prefix=prefix, torch_dtype=torch.float32, max_retries=3, request_timeout=60
+    ckpt, initial_peers=peers, dht_prefix=prefix, torch_dtype=torch.float32, max_retries=3, request_timeout=60,
+    active_adapter=adapter_name,
 )
 connect_s = time.perf_counter() - t0
 for p in remote.parameters():  # Petals freezes the local embeddings/head; we want their grads too
     p.requires_grad_(True)
 local = transformers.LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+if adapter_dir:  # the reference: this venv's peft (0.5) with the adapter the servers serve
+    import peft
+    local = peft.PeftModel.from_pretrained(local, adapter_dir).base_model.model.eval()
+    for p in local.parameters():
+        p.requires_grad_(True)
 
 emb = torch.randn(batch, seq, local.config.hidden_size)
 grad_logits = torch.randn(batch, seq, local.config.vocab_size)
@@ -395,12 +402,15 @@ def petals_client_fwd_bwd(
     seq: int = 8,
     seed: int = 1,
     timeout: float = 120.0,
+    adapter: tuple[str, os.PathLike | str] | None = None,
 ) -> dict:
     """One forward+backward of a real Petals client through the swarm vs. the local HF model.
 
     Returns relative errors ``rel_logits``, ``rel_grad_inputs_embeds``, ``rel_grad_lm_head``,
     ``rel_grad_norm``, plus ``connect_s``, ``fwd_bwd_s`` and ``first_block_change``.
     Works against any server that speaks Petals 2.2's protocol (a Petals or a jaxseq server).
+    With ``adapter`` (its name and folder), the client sends ``active_adapter`` and the local model is that
+    adapter on the HF model, as the Petals venv's ``peft`` loads it.
     """
     stdout = run_in_petals_venv(
         python,
@@ -411,6 +421,7 @@ def petals_client_fwd_bwd(
         str(batch),
         str(seq),
         str(seed),
+        *([adapter[0], str(adapter[1])] if adapter else []),
         timeout=timeout,
     )
     results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
@@ -425,10 +436,15 @@ import torch, transformers, petals
 
 ckpt, peers, prefix, ids = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 max_new_tokens, num_beams = map(int, sys.argv[5:7])
+adapter_name, adapter_dir = sys.argv[7:9] if len(sys.argv) > 7 else (None, None)
 remote = petals.DistributedLlamaForCausalLM.from_pretrained(
-    ckpt, initial_peers=peers, dht_prefix=prefix, torch_dtype=torch.float32, max_retries=3, request_timeout=60
+    ckpt, initial_peers=peers, dht_prefix=prefix, torch_dtype=torch.float32, max_retries=3, request_timeout=60,
+    active_adapter=adapter_name,
 )
 local = transformers.LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+if adapter_dir:  # the reference: this venv's peft (0.5) with the adapter the servers serve
+    import peft
+    local = peft.PeftModel.from_pretrained(local, adapter_dir).base_model.model.eval()
 options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams, pad_token_id=0)
 ids = torch.tensor(ids)
 with torch.no_grad():
@@ -451,12 +467,15 @@ def petals_client_generate(
     max_new_tokens: int = 16,
     num_beams: int = 1,
     timeout: float = 300.0,
+    adapter: tuple[str, os.PathLike | str] | None = None,
 ) -> dict:
     """A real Petals client's ``generate`` (greedy, or beam search with ``num_beams``: it sends hypo_ids)
-    through the swarm, and the same ``generate`` of the local transformers model: ``{"remote", "local"}``."""
+    through the swarm, and the same ``generate`` of the local transformers model: ``{"remote", "local"}``.
+    With ``adapter`` (name, folder), as ``petals_client_fwd_bwd``."""
     stdout = run_in_petals_venv(
         python, _CLIENT_GENERATE, str(checkpoint), json.dumps(list(initial_peers)), dht_prefix,
-        json.dumps([list(map(int, row)) for row in ids]), str(max_new_tokens), str(num_beams), timeout=timeout,
+        json.dumps([list(map(int, row)) for row in ids]), str(max_new_tokens), str(num_beams),
+        *([adapter[0], str(adapter[1])] if adapter else []), timeout=timeout,
     )  # fmt: skip
     results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if not results:

@@ -11,6 +11,7 @@ import transformers
 
 import jaxseq
 from jaxseq import RemoteSequenceManager
+from jaxseq.models.lora import load_adapter, random_adapter, with_adapter
 from jaxseq.testing.launch import ServerProcess
 
 from helpers import assert_matches, random_inputs, rel_err, training_step
@@ -23,6 +24,7 @@ from petals_helpers import (
 
 pytestmark = [pytest.mark.petals, pytest.mark.network]
 TOL = 1e-5
+IDS = [[5, 17, 3, 42, 8], [9, 1, 77, 23, 4]]  # prompts for generation
 CLIENT = dict(min_backoff=0.2, max_backoff=1.0, request_timeout=30.0, ban_timeout=10.0, deadline=120.0)
 
 
@@ -48,8 +50,10 @@ def petals_checkpoint(petals_py, tmp_path_factory):
 def jaxseq_servers():
     started: list[ServerProcess] = []
 
-    def start(checkpoint, blocks, prefix, peers):
-        server = ServerProcess(str(checkpoint), blocks, prefix, peers, ["--throughput", "1.0"]).wait_ready()
+    def start(checkpoint, blocks, prefix, peers, extra_args=()):
+        server = ServerProcess(
+            str(checkpoint), blocks, prefix, peers, ["--throughput", "1.0", *extra_args]
+        ).wait_ready()
         started.append(server)
         return server
 
@@ -114,8 +118,32 @@ def test_petals_client_through_jaxseq_servers(petals_py, petals_checkpoint, jaxs
         assert result[key] < TOL, (key, result)
 
 
+def test_petals_client_with_an_adapter_trains_and_generates_through_jaxseq_servers(
+    petals_py, petals_checkpoint, jaxseq_servers, tmp_path
+):
+    """A Petals client naming a LoRA adapter (``active_adapter``) routes to jaxseq servers that announce it, and
+    its logits, gradients and greedy tokens equal the Petals venv's transformers with that adapter loaded by its
+    peft (0.5)."""
+    path, cfg, params = petals_checkpoint
+    folder = random_adapter(tmp_path / "lora", cfg, rank=4, alpha=8, std=0.05)
+    adapted = with_adapter(params, load_adapter(folder, cfg, range(8)).blocks)
+    x = jax.random.normal(jax.random.key(0), (1, 8, cfg.hidden_size))
+    assert rel_err(jaxseq.local_sequential(cfg, adapted, x), jaxseq.local_sequential(cfg, params, x)) > 0.03
+    args = ("--adapters", f"org/tiny-lora={folder}")
+    first = jaxseq_servers(path, (0, 4), "interop-lora", None, args)
+    jaxseq_servers(path, (4, 8), "interop-lora", [first.maddr], args)
+    result = petals_client_fwd_bwd(
+        petals_py, path, [first.maddr], dht_prefix="interop-lora", batch=2, seq=9, adapter=("org/tiny-lora", folder)
+    )
+    for key in ("rel_logits", "rel_grad_inputs_embeds", "rel_grad_lm_head", "rel_grad_norm"):
+        assert result[key] < TOL, (key, result)
+    generated = petals_client_generate(
+        petals_py, path, [first.maddr], IDS, dht_prefix="interop-lora", adapter=("org/tiny-lora", folder)
+    )  # its inference sessions name the adapter in their opening requests
+    assert generated["remote"] == generated["local"], generated
+
+
 # --- generation ---------------------------------------------------------------------------------
-IDS = [[5, 17, 3, 42, 8], [9, 1, 77, 23, 4]]
 
 
 @pytest.mark.parametrize("num_beams", [1, 2], ids=["greedy", "beam-search"])
