@@ -65,24 +65,26 @@ def print_status(
     """Print ``rows`` as a table, with a line saying which blocks no online server holds.
 
     Example:
-        >>> print_status([ServerStatus("QmPeer", 0, 2, "ONLINE", 100.0, "2.2.0", 0.001)], 4, console=Console(width=80))
-                                           swarm
-        ┏━━━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━━━━━┓
-        ┃ peer    ┃ blocks ┃ state  ┃ throughput (tok/s) ┃ version ┃ latency (ms) ┃
-        ┡━━━━━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━━━━━┩
-        │ …QmPeer │ 0:2    │ ONLINE │ 100                │ 2.2.0   │ 1.0          │
-        └─────────┴────────┴────────┴────────────────────┴─────────┴──────────────┘
+        >>> row = ServerStatus("QmPeer", 0, 2, "ONLINE", 100.0, "2.2.0", 0.001, adapters=("org/lora",))
+        >>> print_status([row], 4, console=Console(width=100))
+                                                swarm
+        ┏━━━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━━━━━┳━━━━━━━━━━┓
+        ┃ peer    ┃ blocks ┃ state  ┃ throughput (tok/s) ┃ version ┃ latency (ms) ┃ adapters ┃
+        ┡━━━━━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━━━━━╇━━━━━━━━━━┩
+        │ …QmPeer │ 0:2    │ ONLINE │ 100                │ 2.2.0   │ 1.0          │ org/lora │
+        └─────────┴────────┴────────┴────────────────────┴─────────┴──────────────┴──────────┘
         4 blocks; no online server holds blocks [2, 3]
     """
     console = console or Console()
     table = Table(title=title)
-    for column in ("peer", "blocks", "state", "throughput (tok/s)", "version", "latency (ms)"):
+    for column in ("peer", "blocks", "state", "throughput (tok/s)", "version", "latency (ms)", "adapters"):
         table.add_column(column)
     for row in rows:
         latency = "unreachable" if row.latency is None else f"{1000 * row.latency:.1f}"
         table.add_row(
-            f"…{row.peer[-12:]}", f"{row.start}:{row.end}", row.state, f"{row.throughput:.0f}", row.version, latency
-        )
+            f"…{row.peer[-12:]}", f"{row.start}:{row.end}", row.state, f"{row.throughput:.0f}", row.version, latency,
+            ", ".join(row.adapters),
+        )  # fmt: skip
     console.print(table)
     covered = {b for r in rows if r.state == "ONLINE" for b in range(r.start, r.end)}
     missing = [b for b in range(num_blocks) if b not in covered]
