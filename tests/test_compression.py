@@ -98,3 +98,17 @@ def test_auto_compresses_over_a_slow_link_within_the_bound(swarm, exact):
     assert last_step < 0.3 * uncompressed  # both ways of both calls: 8 bits a float, and a codebook
 
     assert max(errors(got, want)) < CODECS["uniform8bit"].max_rel_error
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(compression="zstd"), "unknown compression 'zstd'"),
+        (dict(compression="auto", auto_compressions=()), "auto_compressions must name some of"),
+        (dict(compression="auto", auto_compressions=("none",)), "auto_compressions must name some of"),
+        (dict(compression="auto", auto_compressions="float16"), "auto_compressions must name some of"),
+    ],
+)
+def test_bad_compression_settings_are_refused_up_front(fields, message):
+    with pytest.raises(ValueError, match=message):
+        jaxseq.ClientConfig(**fields)

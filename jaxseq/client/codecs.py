@@ -18,7 +18,10 @@ when asked through ``output_compression``: each is safe to send to Petals peers.
 
 The error a codec adds to a training step through servers (relative, ``||got - exact|| / ||exact||`` of
 the outputs, the inputs' gradient and the deep prompts' gradient; ``tests/test_compression.py``) is at
-most ``Codec.max_rel_error``.
+most ``Codec.max_rel_error``. Measured on the tiny Llama of the tests (4 blocks, hidden 32, 8 x 128 tokens,
+3 prompts; outputs / grad inputs / grad prompts): float16 3e-4 / 4e-4 / 5e-4, meanstd16 3e-4 / 4e-4 / 5e-4
+(bound 2e-3); uniform8bit 0.022 / 0.022 / 0.057, quantile8bit 0.037 / 0.028 / 0.063 (bound 0.25: at 4 x 64
+tokens the prompts' gradient was off by up to 0.12, a sum over fewer positions of coarsely rounded values).
 
 Example:
     >>> links = LinkEstimates()
