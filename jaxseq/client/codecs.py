@@ -20,8 +20,10 @@ The error a codec adds to a training step through servers (relative, ``||got - e
 the outputs, the inputs' gradient and the deep prompts' gradient; ``tests/test_compression.py``) is at
 most ``Codec.max_rel_error``. Measured on the tiny Llama of the tests (4 blocks, hidden 32, 8 x 128 tokens,
 3 prompts; outputs / grad inputs / grad prompts): float16 3e-4 / 4e-4 / 5e-4, meanstd16 3e-4 / 4e-4 / 5e-4
-(bound 2e-3); uniform8bit 0.022 / 0.022 / 0.057, quantile8bit 0.037 / 0.028 / 0.063 (bound 0.25: at 4 x 64
+(bound 1e-2); uniform8bit 0.022 / 0.022 / 0.057, quantile8bit 0.037 / 0.028 / 0.063 (bound 0.25: at 4 x 64
 tokens the prompts' gradient was off by up to 0.12, a sum over fewer positions of coarsely rounded values).
+Errors grow with depth: through 8 blocks of hidden 512 (``benchmarks/compression.py``; loss / grad inputs /
+grad prompts) float16 gave 6e-7 / 5.8e-3 / 3.8e-3 and uniform8bit 3e-4 / 0.038 / 0.036.
 
 Example:
     >>> links = LinkEstimates()
@@ -59,8 +61,8 @@ class Codec:
 
 CODECS = {
     "none": Codec(ratio=1.0, cost_s_per_byte=0.0, max_rel_error=1e-5),
-    "float16": Codec(ratio=0.5, cost_s_per_byte=20e-9, max_rel_error=2e-3),
-    "meanstd16": Codec(ratio=0.5, cost_s_per_byte=20e-9, max_rel_error=2e-3),
+    "float16": Codec(ratio=0.5, cost_s_per_byte=20e-9, max_rel_error=1e-2),
+    "meanstd16": Codec(ratio=0.5, cost_s_per_byte=20e-9, max_rel_error=1e-2),
     "uniform8bit": Codec(ratio=0.25, cost_s_per_byte=40e-9, max_rel_error=0.25),
     "quantile8bit": Codec(ratio=0.25, cost_s_per_byte=150e-9, max_rel_error=0.25),
 }

@@ -26,7 +26,7 @@ class ClientConfig:
             ("none", "float16", "meanstd16", "uniform8bit", "quantile8bit") for every call, or "auto": per call,
             "none" or one of ``auto_compressions``, whichever the server's measured bandwidth makes fastest
             (``jaxseq.client.codecs``). "none" (the default) is lossless; the others add bounded errors
-            (``jaxseq.client.codecs.CODECS``: 2e-3 relative for the 16-bit codecs, 0.1 for the 8-bit ones).
+            (``jaxseq.client.codecs.CODECS``: 1e-2 relative for the 16-bit codecs, 0.25 for the 8-bit ones).
         allowed_servers: if given, only these server peer ids (base58) are ever routed to (a private swarm).
         shared_memory: exchange tensors through shared memory files with jaxseq servers on the same machine.
         verify_fraction: fraction of spans (forward and backward) re-run on a second server and compared;
