@@ -22,7 +22,7 @@ most ``Codec.max_rel_error``. Measured on the tiny Llama of the tests (4 blocks,
 3 prompts; outputs / grad inputs / grad prompts): float16 3e-4 / 4e-4 / 5e-4, meanstd16 3e-4 / 4e-4 / 5e-4
 (bound 1e-2); uniform8bit 0.022 / 0.022 / 0.057, quantile8bit 0.037 / 0.028 / 0.063 (bound 0.25: at 4 x 64
 tokens the prompts' gradient was off by up to 0.12, a sum over fewer positions of coarsely rounded values).
-Errors grow with depth: through 8 blocks of hidden 512 (``benchmarks/compression.py``; loss / grad inputs /
+Errors grow with depth: through 8 blocks of hidden 512 (``benchmarks/fewer_bytes.py``; loss / grad inputs /
 grad prompts) float16 gave 6e-7 / 5.8e-3 / 3.8e-3 and uniform8bit 3e-4 / 0.038 / 0.036.
 
 Example:

@@ -4,7 +4,7 @@ uniform8bit allowed too). For each: the step's median time, the MB that crossed 
 the client chose, and the step's relative error against the uncompressed one (loss, grad inputs, grad
 prompts). Each client first runs two steps (compiling, and measuring the links) before the timed ones.
 
-    python benchmarks/compression.py [--steps 5]
+    python benchmarks/fewer_bytes.py [--steps 5]
 """
 
 from __future__ import annotations
