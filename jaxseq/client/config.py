@@ -23,7 +23,10 @@ class ClientConfig:
         max_saved_states: forward states kept for backward (LRU); a backward whose state
             was dropped recomputes the forward instead of failing.
         compression: wire compression of tensors, both ways: one of ``jaxseq.remote.compression.COMPRESSIONS``
-            ("none", "float16", "meanstd16", "uniform8bit", "quantile8bit").
+            ("none", "float16", "meanstd16", "uniform8bit", "quantile8bit") for every call, or "auto": per call,
+            "none" or one of ``auto_compressions``, whichever the server's measured bandwidth makes fastest
+            (``jaxseq.client.codecs``). "none" (the default) is lossless; the others add bounded errors
+            (``jaxseq.client.codecs.CODECS``: 1e-2 relative for the 16-bit codecs, 0.25 for the 8-bit ones).
         allowed_servers: if given, only these server peer ids (base58) are ever routed to (a private swarm).
         shared_memory: exchange tensors through shared memory files with jaxseq servers on the same machine.
         verify_fraction: fraction of spans (forward and backward) re-run on a second server and compared;
@@ -34,9 +37,12 @@ class ClientConfig:
         active_adapter: the name of a LoRA adapter that servers apply to every forward, backward and inference
             step (Petals' ``active_adapter``: what ``jaxseq-server --adapters`` or Petals' ``--adapters`` announce);
             only servers announcing it are routed to. None: the blocks as they are.
+        auto_compressions: the codecs ``compression="auto"`` may choose besides "none" (the 16-bit float16
+            by default; add "uniform8bit" or "quantile8bit" to allow their larger errors on slow links).
 
     Example:
         >>> cfg = ClientConfig(max_retries=3, deadline=30.0)
+        >>> cfg = ClientConfig(compression="auto", auto_compressions=("float16", "uniform8bit"))
     """
 
     max_retries: int = 8
@@ -56,6 +62,7 @@ class ClientConfig:
     alloc_timeout: float = 10.0
     server_to_server: bool = True
     active_adapter: str | None = None
+    auto_compressions: tuple[str, ...] = ("float16",)
 
     def __post_init__(self):
         if self.alloc_timeout < 0:
@@ -69,8 +76,14 @@ class ClientConfig:
             raise ValueError(f"min_backoff={self.min_backoff} exceeds max_backoff={self.max_backoff}")
         if self.max_tokens_in_batch < 1 or self.max_saved_states < 1:
             raise ValueError("ClientConfig.max_tokens_in_batch and max_saved_states must be at least 1")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"unknown compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)}")
+        if self.compression not in (*COMPRESSIONS, "auto"):
+            raise ValueError(f"unknown compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)} or auto")
+        object.__setattr__(self, "auto_compressions", tuple(self.auto_compressions))
+        lossy = [name for name in COMPRESSIONS if name != "none"]
+        if not self.auto_compressions or not set(self.auto_compressions) <= set(lossy):
+            raise ValueError(
+                f"ClientConfig.auto_compressions must name some of {', '.join(lossy)}, got {self.auto_compressions!r}"
+            )
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ValueError(f"verify_fraction must be within [0, 1], got {self.verify_fraction}")
         if self.active_adapter is not None and not (isinstance(self.active_adapter, str) and self.active_adapter):

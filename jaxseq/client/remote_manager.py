@@ -23,6 +23,8 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import as_aiter
 
+from jaxseq.arrays import is_floating
+from jaxseq.client.codecs import LinkEstimates
 from jaxseq.client.config import ClientConfig
 from jaxseq.client.errors import CacheMissed, FaultyResponse, ServerFailure, SharedMemoryRefused
 from jaxseq.client.manager import SequenceManager, check_reply
@@ -87,6 +89,8 @@ class RemoteSequenceManager(SequenceManager):
         self.dht_prefix = dht_prefix
         self._hidden_size: int | None = None
         self.timings: collections.deque[CallTiming] = collections.deque(maxlen=4096)
+        self.links = LinkEstimates()  # each server link's bandwidth, measured by the calls over the wire
+        self.codecs_used: collections.Counter[tuple[str, str]] = collections.Counter()  # (peer, codec) -> calls
         self._machine = shm.machine_id()
         self._no_shared_memory: set[str] = set()
         self._segments = SegmentPool()
@@ -216,15 +220,23 @@ class RemoteSequenceManager(SequenceManager):
         return time.perf_counter() - start
 
     # --- the wire ------------------------------------------------------------------------------
-    def _metadata(self, cache_id: str, inputs_cached: bool) -> dict:
+    def _metadata(self, cache_id: str, inputs_cached: bool, codec: str, n_results: int) -> dict:
         metadata = {"points": 0.0, "active_adapter": self.config.active_adapter or ""}
         if cache_id:
             metadata[protocol.CACHE_ID_KEY] = cache_id
         if inputs_cached:
             metadata[protocol.INPUTS_CACHED_KEY] = True
-        if self.config.compression != "none":
-            metadata["output_compression"] = (int(protocol.COMPRESSIONS[self.config.compression]),)
+        if codec != "none":  # one code per reply tensor: Petals 2.2's backward insists on that
+            metadata["output_compression"] = (int(protocol.COMPRESSIONS[codec]),) * n_results
         return metadata
+
+    def _codec(self, peer: str, arrays: list, results: list[tuple[tuple, np.dtype]]) -> str:
+        """The configured compression, or with "auto" the one the link's measured bandwidth calls for."""
+        if self.config.compression != "auto":
+            return self.config.compression
+        floats = [a.nbytes for a in arrays if a is not None and is_floating(a.dtype)]
+        floats += [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in results]
+        return self.links.choose(peer, sum(floats), self.config.auto_compressions)
 
     async def _call(
         self,
@@ -238,14 +250,17 @@ class RemoteSequenceManager(SequenceManager):
         """One RPC: through shared memory (see ``shm``) to a jaxseq server on this machine, else over the wire.
         ``results`` are the shapes and dtypes the reply must have (for the shared-memory segments);
         ``inputs_cached``: a backward that sends only grad outputs (see ``protocol.INPUTS_CACHED_KEY``)."""
-        metadata = self._metadata(cache_id, inputs_cached)
         if self.config.shared_memory and self._same_machine(span.peer):
             try:
+                metadata = self._metadata(cache_id, inputs_cached, "none", len(results))  # no wire to spare
                 return await self._call_shared_memory(span, rpc[0], arrays, results, metadata)
             except SharedMemoryRefused as refused:  # e.g. a server run by another user: use the wire
                 logger.info("server %s refused shared memory, sending tensors over the wire: %s", span.peer, refused)
                 self._no_shared_memory.add(span.peer)
-        return await self._call_wire(span, rpc, arrays, metadata)
+        codec = self._codec(span.peer, arrays, results)
+        self.codecs_used[span.peer, codec] += 1
+        metadata = self._metadata(cache_id, inputs_cached, codec, len(results))
+        return await self._call_wire(span, rpc, arrays, metadata, codec)
 
     def _same_machine(self, peer: str) -> bool:
         if peer in self._no_shared_memory or self._machine is None:
@@ -312,12 +327,12 @@ class RemoteSequenceManager(SequenceManager):
         )
         return outputs
 
-    async def _call_wire(self, span: Span, rpc: tuple[str, str], arrays: list, metadata: dict) -> list[np.ndarray]:
+    async def _call_wire(
+        self, span: Span, rpc: tuple[str, str], arrays: list, metadata: dict, codec: str
+    ) -> list[np.ndarray]:
         uids = protocol.span_uids(self.dht_prefix, span.start, span.end)
         t0 = time.perf_counter()
-        requests, streamed = await asyncio.to_thread(
-            protocol.make_requests, uids, arrays, metadata, self.config.compression
-        )
+        requests, streamed = await asyncio.to_thread(protocol.make_requests, uids, arrays, metadata, codec)
         peer = PeerID.from_base58(span.peer)
         with self._failures(span):
             t1 = time.perf_counter()
@@ -337,32 +352,42 @@ class RemoteSequenceManager(SequenceManager):
         transport = "stream" if streamed else "unary"
         sent = sum(len(t.buffer) for r in requests for t in r.tensors)
         reply_metadata = responses[0].metadata if responses else b""
-        self._record_timing(
+        timing = self._record_timing(
             span, rpc[0], transport, (t0, t1, t2, t3), reply_metadata, sent, sum(len(p.buffer) for p in parts)
         )
+        self._measure_link(timing)
         return outputs
+
+    def _measure_link(self, timing: CallTiming) -> None:
+        """The call's wire seconds: its round trip less the link's (pings) and the server's own time."""
+        server_s = sum(s or 0.0 for s in (timing.server_compute_s, timing.server_wait_s, timing.server_io_s))
+        latency = self._rtt.get(timing.peer, 0.0)
+        if latency >= self.config.connect_timeout:  # a ping that timed out: the latency is unknown
+            latency = 0.0
+        wire_s = timing.round_trip_s - latency - server_s
+        self.links.record(timing.peer, timing.bytes_sent + timing.bytes_received, wire_s, timing.round_trip_s)
 
     def _record_timing(
         self, span: Span, rpc: str, transport: str, times, reply_metadata: bytes, sent: int, received: int
-    ):
+    ) -> CallTiming:
         t0, t1, t2, t3 = times
         server = protocol.reply_timing(reply_metadata)
-        self.timings.append(
-            CallTiming(
-                stage=rpc.rsplit("_", 1)[-1],
-                peer=span.peer,
-                blocks=len(span),
-                transport=transport,
-                serialize_s=t1 - t0,
-                round_trip_s=t2 - t1,
-                deserialize_s=t3 - t2,
-                server_compute_s=server.get("compute_s"),
-                server_wait_s=server.get("wait_s"),
-                server_io_s=server.get("io_s"),
-                bytes_sent=sent,
-                bytes_received=received,
-            )
+        timing = CallTiming(
+            stage=rpc.rsplit("_", 1)[-1],
+            peer=span.peer,
+            blocks=len(span),
+            transport=transport,
+            serialize_s=t1 - t0,
+            round_trip_s=t2 - t1,
+            deserialize_s=t3 - t2,
+            server_compute_s=server.get("compute_s"),
+            server_wait_s=server.get("wait_s"),
+            server_io_s=server.get("io_s"),
+            bytes_sent=sent,
+            bytes_received=received,
         )
+        self.timings.append(timing)
+        return timing
 
     def _as_requested(self, span: Span, array: np.ndarray, dtype) -> np.ndarray:
         """Petals servers reply in their own dtype; accept exactly that one besides ours."""
