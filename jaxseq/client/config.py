@@ -31,6 +31,12 @@ class ClientConfig:
         alloc_timeout: seconds an inference session may wait for a server's attention cache.
         server_to_server: in inference sessions, ask each server to push its outputs straight to the next
             server's session too (Petals' ``next_servers``), saving the next server a round trip.
+        stream_bytes: micro-batches are also cut to at most this many bytes of hidden states (at least one row
+            each), and run at once: each is a stream of its own with its own flow-control window (p2pd's
+            multiplexer, yamux, opens a stream with a 256 KiB window and grows it only over round trips), so on
+            a long link several windows are in flight instead of one call waiting out a round trip per window,
+            and micro-batch i+1 runs on a span while micro-batch i runs on the next. Results do not change
+            (rows are independent). None: only ``max_tokens_in_batch`` splits.
         active_adapter: the name of a LoRA adapter that servers apply to every forward, backward and inference
             step (Petals' ``active_adapter``: what ``jaxseq-server --adapters`` or Petals' ``--adapters`` announce);
             only servers announcing it are routed to. None: the blocks as they are.
@@ -55,6 +61,7 @@ class ClientConfig:
     shared_memory: bool = True
     alloc_timeout: float = 10.0
     server_to_server: bool = True
+    stream_bytes: int | None = 256 * 1024
     active_adapter: str | None = None
 
     def __post_init__(self):
@@ -69,6 +76,8 @@ class ClientConfig:
             raise ValueError(f"min_backoff={self.min_backoff} exceeds max_backoff={self.max_backoff}")
         if self.max_tokens_in_batch < 1 or self.max_saved_states < 1:
             raise ValueError("ClientConfig.max_tokens_in_batch and max_saved_states must be at least 1")
+        if self.stream_bytes is not None and self.stream_bytes < 1:
+            raise ValueError(f"ClientConfig.stream_bytes must be at least 1 or None, got {self.stream_bytes}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)}")
         if not 0.0 <= self.verify_fraction <= 1.0:
