@@ -123,7 +123,8 @@ ckpt, peers, prefix = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 steps, tokens, batch, seq, prompt_len, prompt = map(int, sys.argv[4:10])
 torch.manual_seed(0)
 remote = petals.DistributedLlamaForCausalLM.from_pretrained(ckpt, initial_peers=peers, dht_prefix=prefix,
-                                                             torch_dtype=torch.float32, max_retries=3)
+                                                             torch_dtype=torch.float32, max_retries=3,
+                                                             connect_timeout=60, request_timeout=600)
 n, hidden = remote.config.num_hidden_layers, remote.config.hidden_size
 x, prompts = torch.randn(batch, seq, hidden), 0.1 * torch.randn(n, batch, prompt_len, hidden)
 
