@@ -58,7 +58,9 @@ def test_streams_equal_one_call(tiny_cfg, tiny_params, make_swarm, fault):
     x, prompts = random_inputs(tiny_cfg, 3, 6, 3)
     results = {}
     for stream_bytes in (None, 1):
-        config = jaxseq.ClientConfig(stream_bytes=stream_bytes, min_backoff=0.01, max_backoff=0.05, deadline=30.0)
+        config = jaxseq.ClientConfig(
+            stream_bytes=stream_bytes, stream_min_rtt=0.0, min_backoff=0.01, max_backoff=0.05, deadline=30.0
+        )
         swarm, manager = make_swarm([(0, 2), (2, 4), (0, 2), (2, 4)], config)
         if fault is not None and stream_bytes == 1:
             swarm.servers[fault[0]].fail_next(2, stage=fault[1])
@@ -69,6 +71,12 @@ def test_streams_equal_one_call(tiny_cfg, tiny_params, make_swarm, fault):
         if fault is not None and stream_bytes == 1:
             assert manager.retries >= 1
     assert_matches(results[1], results[None], tol=1e-6)
+
+
+def test_streams_only_on_long_links(make_swarm):
+    """Below ``stream_min_rtt`` (an in-process swarm's round trips are nil) a batch is not cut by bytes."""
+    _, manager = make_swarm([(0, 4)], jaxseq.ClientConfig(stream_bytes=1))
+    assert chain._micro_batches(manager, np.zeros((4, 3, 8), np.float32)) == [slice(0, 4)]
 
 
 def test_servers_compute_on_a_client_of_their_own(make_swarm):

@@ -139,7 +139,9 @@ def micro_batches(x: np.ndarray, max_tokens: int, stream_bytes: int | None = Non
 
 
 def _micro_batches(manager: SequenceManager, x: np.ndarray) -> list[slice]:
-    return micro_batches(x, manager.config.max_tokens_in_batch, manager.config.stream_bytes)
+    config = manager.config
+    long_link = max(manager.round_trips.values(), default=0.0) >= config.stream_min_rtt
+    return micro_batches(x, config.max_tokens_in_batch, config.stream_bytes if long_link else None)
 
 
 async def forward_batches(

@@ -37,6 +37,9 @@ class ClientConfig:
             a long link several windows are in flight instead of one call waiting out a round trip per window,
             and micro-batch i+1 runs on a span while micro-batch i runs on the next. Results do not change
             (rows are independent). None: only ``max_tokens_in_batch`` splits.
+        stream_min_rtt: ``stream_bytes`` applies only while the slowest measured server round trip is at least
+            this many seconds: on short links the extra, smaller calls cost more than the windows lose
+            (``docs/benchmarks.md``, "Through links": slower at 5 ms, faster at 100 ms).
         active_adapter: the name of a LoRA adapter that servers apply to every forward, backward and inference
             step (Petals' ``active_adapter``: what ``jaxseq-server --adapters`` or Petals' ``--adapters`` announce);
             only servers announcing it are routed to. None: the blocks as they are.
@@ -62,6 +65,7 @@ class ClientConfig:
     alloc_timeout: float = 10.0
     server_to_server: bool = True
     stream_bytes: int | None = 256 * 1024
+    stream_min_rtt: float = 0.05
     active_adapter: str | None = None
 
     def __post_init__(self):
@@ -78,6 +82,8 @@ class ClientConfig:
             raise ValueError("ClientConfig.max_tokens_in_batch and max_saved_states must be at least 1")
         if self.stream_bytes is not None and self.stream_bytes < 1:
             raise ValueError(f"ClientConfig.stream_bytes must be at least 1 or None, got {self.stream_bytes}")
+        if self.stream_min_rtt < 0:
+            raise ValueError(f"ClientConfig.stream_min_rtt must be non-negative, got {self.stream_min_rtt}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)}")
         if not 0.0 <= self.verify_fraction <= 1.0:
