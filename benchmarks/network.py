@@ -1,20 +1,27 @@
 """Through links: a training step and a generated token with each of 2 servers x 4 blocks behind its own link
-(``jaxseq.testing.link``: a relay per server, the same round-trip time and bandwidth both ways), under four
-settings of the links: no limits (the relays alone), 100 Mbit/s alone, 100 ms alone, and both (the Petals
-paper's setting (c)), each on a swarm started for it. For each: the step's median time, the bytes that
-crossed the links and the calls per step, and a token's median time (greedy, batch 1, prompt 64); and what
-a limit costs, in one-way delays (RTT / 2): the time over the no-limits setting divided by the one-way delay.
+(``jaxseq.testing.link``: a relay per server, the same round-trip time and bandwidth both ways), under
+settings of the links: no limits (the relays alone), 100 Mbit/s alone, 100 ms alone, both (the Petals paper's
+setting (c)), and its (a) 1 Gbit/s, 5 ms and (b) 100 Mbit/s, 5 ms, each on a swarm started for it. For each:
+the step's median time, the bytes that crossed the links and the calls per step, and a token's median time
+(greedy, batch 1, prompt 64); and what a limit costs, in one-way delays (RTT / 2): the time over the no-limits
+setting divided by the one-way delay. The step is timed both ways in turn on the same swarm: "before" as one
+call per span (``ClientConfig(stream_bytes=None)``), "after" as the default's micro-batches in flight at once.
+With the Petals venv (``tests/interop/petals_venv.sh``), Petals 2.2 servers behind relays of their own under
+the same settings, and a Petals client's step and token, with jaxseq / Petals ratios.
 
-    python benchmarks/network.py [--steps 5] [--tokens 16]
+    python benchmarks/network.py [--steps 5] [--tokens 16] [--no-petals] [--settings "100 Mbit/s, 100 ms" ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +29,10 @@ import numpy as np
 import jaxseq
 from jaxseq import RemoteSequenceManager
 from jaxseq.testing.launch import ServerProcess
-from jaxseq.testing.link import Link, Network
+from jaxseq.testing.link import Link, Network, Relay, listening_port
 
-from common import CFG, inputs, machine, run_step, timed, training_step
+import petals_swarm
+from common import BATCH, CFG, PROMPT_LEN, SEQ, inputs, machine, run_step, timed, training_step
 
 SPANS = [(0, 4), (4, 8)]
 PROMPT = 64
@@ -32,7 +40,9 @@ SETTINGS = {
     "no limits": Link(),
     "100 Mbit/s": Link(bandwidth=100e6),
     "100 ms": Link(rtt=0.1),
-    "100 Mbit/s, 100 ms": Link(rtt=0.1, bandwidth=100e6),
+    "100 Mbit/s, 100 ms": Link(rtt=0.1, bandwidth=100e6),  # the Petals paper's (c)
+    "1 Gbit/s, 5 ms": Link(rtt=0.005, bandwidth=1e9),  # (a)
+    "100 Mbit/s, 5 ms": Link(rtt=0.005, bandwidth=100e6),  # (b)
 }
 
 
@@ -41,9 +51,12 @@ class Row:
     setting: str
     link: Link
     step_s: float  # median
+    before_s: float  # median of the same step as one call per span (stream_bytes=None)
     step_mb: float  # MB through all links per step, both ways
     calls: float  # RPCs per step
     token_s: float  # median time between two generated tokens
+    petals_step_s: float | None = None  # medians of the same through Petals 2.2 servers behind the same links
+    petals_token_s: float | None = None
 
 
 def token_seconds(model: jaxseq.DistributedCausalLM, ids: np.ndarray, tokens: int) -> float:
@@ -67,33 +80,110 @@ def measure(checkpoint: Path, setting: str, link: Link, steps: int, tokens: int)
                 servers.append(ServerProcess(str(checkpoint), span, "bench-network", peers, args).wait_ready())
                 relay.attach(servers[-1])
             config = jaxseq.ClientConfig(shared_memory=False, request_timeout=300.0, deadline=600.0)
-            with RemoteSequenceManager([servers[0].maddr], "bench-network", config) as manager:
+            before_config = dataclasses.replace(config, stream_bytes=None)
+            with (
+                RemoteSequenceManager([servers[0].maddr], "bench-network", config) as manager,
+                RemoteSequenceManager([servers[0].maddr], "bench-network", before_config) as before_manager,
+            ):
                 x, prompts = inputs(CFG)
                 step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
+                before = training_step(lambda x, p: jaxseq.remote_sequential(x, p, before_manager))
                 model = jaxseq.DistributedCausalLM(checkpoint, manager)
                 ids = np.random.default_rng(0).integers(3, CFG.vocab_size, (1, PROMPT))
-                run_step(step, x, prompts)  # everything compiled
+                run_step(step, x, prompts), run_step(before, x, prompts)  # everything compiled
                 token_seconds(model, ids, 4)
-                calls, crossed = len(manager.timings), sum(r.to_server + r.from_server for r in relays)
-                times = [timed(lambda: run_step(step, x, prompts)) for _ in range(steps)]
-                crossed = sum(r.to_server + r.from_server for r in relays) - crossed
-                calls = len(manager.timings) - calls
+                before_times, counts = [], []
+                for _ in range(steps):  # in turn, so that the machine's drift hits both alike
+                    before_times.append(timed(lambda: run_step(before, x, prompts)))
+                    counts.append(counted(lambda: run_step(step, x, prompts), manager, relays))
                 token = token_seconds(model, ids, tokens)
         finally:
             for server in servers:
                 server.terminate()
-    return Row(setting, link, statistics.median(times), crossed / steps / 1e6, calls / steps, token)
+    times, calls, crossed = zip(*counts)
+    return Row(
+        setting, link, statistics.median(times), statistics.median(before_times), sum(crossed) / steps / 1e6,
+        sum(calls) / steps, token,
+    )  # fmt: skip
+
+
+def counted(fn: Callable[[], object], manager: RemoteSequenceManager, relays: list[Relay]) -> tuple[float, int, int]:
+    """Seconds ``fn`` took, the calls ``manager`` made and the bytes that crossed ``relays`` meanwhile."""
+    calls, crossed = len(manager.timings), sum(r.to_server + r.from_server for r in relays)
+    seconds = timed(fn)
+    return seconds, len(manager.timings) - calls, sum(r.to_server + r.from_server for r in relays) - crossed
+
+
+# Runs in the Petals venv: median seconds of a Petals training step (the benchmark's shape, deep prompts) and
+# of a generated token (greedy, batch 1: generate(1 + tokens) less generate(1), per token).
+_PETALS = r"""
+import json, statistics, sys, time
+import torch, petals
+ckpt, peers, prefix = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+steps, tokens, batch, seq, prompt_len, prompt = map(int, sys.argv[4:10])
+torch.manual_seed(0)
+remote = petals.DistributedLlamaForCausalLM.from_pretrained(ckpt, initial_peers=peers, dht_prefix=prefix,
+                                                             torch_dtype=torch.float32, max_retries=3,
+                                                             connect_timeout=60, request_timeout=600)
+n, hidden = remote.config.num_hidden_layers, remote.config.hidden_size
+x, prompts = torch.randn(batch, seq, hidden), 0.1 * torch.randn(n, batch, prompt_len, hidden)
+
+def step():
+    xs, ps = x.clone().requires_grad_(), prompts.clone().requires_grad_()
+    remote.model.layers(xs, prompts=ps).pow(2).mean().backward()
+
+def timed(fn):
+    t0 = time.perf_counter(); fn(); return time.perf_counter() - t0
+
+ids = torch.randint(3, remote.config.vocab_size, (1, prompt))
+generate = lambda new: remote.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
+step(); generate(2)
+step_s = statistics.median(timed(step) for _ in range(steps))
+per_token = lambda: (timed(lambda: generate(1 + tokens)) - timed(lambda: generate(1))) / tokens
+token_s = statistics.median(per_token() for _ in range(3))
+remote.model.layers.sequence_manager.shutdown()
+remote.model.layers.sequence_manager.dht.shutdown()
+print("RESULT " + json.dumps(dict(step=step_s, token=token_s)), flush=True)
+"""
+
+
+def measure_petals(python: str, checkpoint: Path, row: Row, steps: int, tokens: int, log_dir: str) -> Row:
+    """``row`` with Petals 2.2's step and token behind links like ``row``'s (a swarm of its own)."""
+    prefix = "bench-network-petals"
+    with Network() as network, contextlib.ExitStack() as stack:
+        servers: list[petals_swarm.PetalsServer] = []
+        for span in SPANS:
+            relay = network.relay(row.link)
+            peers = [servers[0].maddr] if servers else None
+            server = petals_swarm.petals_server(
+                python, checkpoint, block_indices="{}:{}".format(*span), dht_prefix=prefix, initial_peers=peers,
+                extra_args=["--announce_maddrs", relay.maddr], log_dir=log_dir, timeout=300.0,
+            )  # fmt: skip
+            servers.append(stack.enter_context(server))
+            relay.forward_to(listening_port(servers[-1].process.pid))
+        stdout = petals_swarm.run_in_petals_venv(
+            python, _PETALS, str(checkpoint), json.dumps([servers[0].maddr]), prefix,
+            *map(str, (steps, tokens, BATCH, SEQ, PROMPT_LEN, PROMPT)), timeout=1800,
+        )  # fmt: skip
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
+    return dataclasses.replace(row, petals_step_s=result["step"], petals_token_s=result["token"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting (default 5)")
     parser.add_argument("--tokens", type=int, default=16, help="generated tokens per setting (default 16)")
+    parser.add_argument("--no-petals", action="store_true", help="leave out Petals")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help="(default all)")
     args = parser.parse_args()
+    python, no_petals_reason = petals_swarm.python_unless(args.no_petals)
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = jaxseq.random_checkpoint(Path(tmp) / "llama", CFG, seed=0)
-        rows = [measure(checkpoint, setting, link, args.steps, args.tokens) for setting, link in SETTINGS.items()]
+        checkpoint = petals_swarm.write_checkpoint(python, Path(tmp) / "llama")
+        settings = ["no limits", *(s for s in args.settings if s != "no limits")]  # the base of the delays
+        rows = [measure(checkpoint, setting, SETTINGS[setting], args.steps, args.tokens) for setting in settings]
+        if python is not None:
+            rows = [measure_petals(python, checkpoint, row, args.steps, args.tokens, tmp) for row in rows]
 
     base = rows[0]
     print(f"{machine()}; {time.strftime('%Y-%m-%d')}")
@@ -102,15 +192,23 @@ def main() -> None:
         f"batch {inputs()[0].shape[0]} x {inputs()[0].shape[1]}, {inputs()[1].shape[2]} deep prompts, median of "
         f"{args.steps} steps; generation: greedy, batch 1, prompt {PROMPT}, median of {args.tokens} tokens\n"
     )
+    if python is None:
+        print(f"Petals left out: {no_petals_reason}\n")
     print(
-        f"{'links':<22}{'step ms':>9}{'MB/step':>9}{'calls':>7}{'+ one-way delays':>18}"
-        f"{'token ms':>10}{'+ one-way delays':>18}"
+        f"{'links':<22}{'before ms':>10}{'step ms':>9}{'MB/step':>9}{'calls':>7}{'+ one-way delays':>18}"
+        f"{'token ms':>10}{'+ one-way delays':>18}{'Petals step':>12}{'x Petals':>9}{'Petals token':>13}{'x Petals':>9}"
     )
     for r in rows:
         step_delays, token_delays = (delays(r.step_s - base.step_s, r.link), delays(r.token_s - base.token_s, r.link))
+        petals = ""
+        if r.petals_step_s is not None and r.petals_token_s is not None:
+            petals = (
+                f"{r.petals_step_s * 1e3:>12.0f}{r.step_s / r.petals_step_s:>9.2f}"
+                f"{r.petals_token_s * 1e3:>13.1f}{r.token_s / r.petals_token_s:>9.2f}"
+            )
         print(
-            f"{r.setting:<22}{r.step_s * 1e3:>9.0f}{r.step_mb:>9.1f}{r.calls:>7.1f}{step_delays:>18}"
-            f"{r.token_s * 1e3:>10.1f}{token_delays:>18}"
+            f"{r.setting:<22}{r.before_s * 1e3:>10.0f}{r.step_s * 1e3:>9.0f}{r.step_mb:>9.1f}{r.calls:>7.1f}"
+            f"{step_delays:>18}{r.token_s * 1e3:>10.1f}{token_delays:>18}{petals}"
         )
 
 

@@ -15,13 +15,14 @@ from common import BATCH, CFG, PROMPT_LEN, SEQ
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
 from petals_helpers import (  # noqa: E402
+    PetalsServer,
     find_petals_python,
     petals_server,
     run_in_petals_venv,
     write_tiny_checkpoint_with_petals_venv,
 )
 
-__all__ = ["petals_row", "python_unless", "write_checkpoint"]
+__all__ = ["PetalsServer", "petals_row", "python_unless", "write_checkpoint"]
 
 # Runs in the Petals venv: median step time through the Petals swarm and of the same blocks locally in torch.
 _PETALS_STEPS = r"""

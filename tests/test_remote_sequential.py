@@ -44,10 +44,39 @@ def test_value_and_grad_equal_local(tiny_cfg, tiny_params, make_swarm, batch, se
     swarm, manager = make_swarm([(0, 2), (2, 4), (1, 3)], config)
     x, prompts = random_inputs(tiny_cfg, batch, seq, prompt_len)
     assert_matches(_remote_value_and_grad(manager, x, prompts), _reference(tiny_cfg, tiny_params, x, prompts))
-    n_micro = len(chain.micro_batches(batch, seq, max_tokens))
+    n_micro = len(chain.micro_batches(np.asarray(x), max_tokens, config.stream_bytes))
     assert swarm.servers[0].calls == {"forward": n_micro, "backward": n_micro, "inference": 0}
     assert swarm.servers[1].calls == {"forward": n_micro, "backward": n_micro, "inference": 0}
     assert swarm.servers[2].calls == {"forward": 0, "backward": 0, "inference": 0}
+
+
+@pytest.mark.parametrize("fault", [None, (1, "forward"), (0, "backward")])
+def test_streams_equal_one_call(tiny_cfg, tiny_params, make_swarm, fault):
+    """Micro-batches cut by ``stream_bytes`` (one row each, all in flight at once) give the outputs and
+    gradients of one unsplit call, also when a server fails mid-chain and the chain re-routes (equal to
+    float32 rounding: XLA sums in another order for another batch size)."""
+    x, prompts = random_inputs(tiny_cfg, 3, 6, 3)
+    results = {}
+    for stream_bytes in (None, 1):
+        config = jaxseq.ClientConfig(
+            stream_bytes=stream_bytes, stream_min_rtt=0.0, min_backoff=0.01, max_backoff=0.05, deadline=30.0
+        )
+        swarm, manager = make_swarm([(0, 2), (2, 4), (0, 2), (2, 4)], config)
+        if fault is not None and stream_bytes == 1:
+            swarm.servers[fault[0]].fail_next(2, stage=fault[1])
+            swarm.servers[fault[0] + 2].fail_next(2, stage=fault[1])  # whichever of the pair is routed to
+        results[stream_bytes] = _remote_value_and_grad(manager, x, prompts)
+        forwards = sum(server.calls["forward"] for server in swarm.servers)
+        assert forwards >= (2 * len(x) if stream_bytes else 2)
+        if fault is not None and stream_bytes == 1:
+            assert manager.retries >= 1
+    assert_matches(results[1], results[None], tol=1e-6)
+
+
+def test_streams_only_on_long_links(make_swarm):
+    """Below ``stream_min_rtt`` (an in-process swarm's round trips are nil) a batch is not cut by bytes."""
+    _, manager = make_swarm([(0, 4)], jaxseq.ClientConfig(stream_bytes=1))
+    assert chain._micro_batches(manager, np.zeros((4, 3, 8), np.float32)) == [slice(0, 4)]
 
 
 def test_servers_compute_on_a_client_of_their_own(make_swarm):

@@ -123,10 +123,25 @@ async def chain_backward(
     return grad_out, grad_prompts
 
 
-def micro_batches(batch: int, seq: int, max_tokens: int) -> list[slice]:
-    """Row slices of at most ``max(max_tokens // seq, 1)`` rows each."""
+def micro_batches(x: np.ndarray, max_tokens: int, stream_bytes: int | None = None) -> list[slice]:
+    """Row slices of ``x`` (``[batch, seq, hidden]``): at most ``max(max_tokens // seq, 1)`` rows each, and at
+    most ``stream_bytes`` of ``x`` each where given, at least one row (``ClientConfig.stream_bytes``).
+
+    Example:
+        >>> micro_batches(np.zeros((8, 128, 512), np.float32), 1024, stream_bytes=512 * 1024)
+        [slice(0, 2, None), slice(2, 4, None), slice(4, 6, None), slice(6, 8, None)]
+    """
+    batch, seq = x.shape[:2]
     rows = max(max_tokens // seq, 1)
+    if stream_bytes is not None and batch:
+        rows = min(rows, max(stream_bytes // (x.nbytes // batch), 1))
     return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
+
+
+def _micro_batches(manager: SequenceManager, x: np.ndarray) -> list[slice]:
+    config = manager.config
+    long_link = max(manager.shortest_round_trips.values(), default=0.0) >= config.stream_min_rtt
+    return micro_batches(x, config.max_tokens_in_batch, config.stream_bytes if long_link else None)
 
 
 async def forward_batches(
@@ -134,7 +149,7 @@ async def forward_batches(
 ) -> tuple[np.ndarray, list[list[SpanRun]]]:
     """Forward through the whole chain, micro-batches concurrently; returns outputs and per-batch spans."""
     deadline = time.monotonic() + manager.config.deadline
-    parts = micro_batches(x.shape[0], x.shape[1], manager.config.max_tokens_in_batch)
+    parts = _micro_batches(manager, x)
     results = await _gather(
         [chain_forward(manager, x[s], prompts[:, s], 0, manager.num_blocks, deadline) for s in parts]
     )
@@ -150,7 +165,7 @@ async def backward_batches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gradients w.r.t. ``x`` and ``prompts``; ``done`` is forward's saved state, or None to recompute it."""
     deadline = time.monotonic() + manager.config.deadline
-    parts = micro_batches(x.shape[0], x.shape[1], manager.config.max_tokens_in_batch)
+    parts = _micro_batches(manager, x)
 
     async def one(i: int, s: slice):
         spans = done[i] if done is not None else None

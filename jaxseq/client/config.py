@@ -34,6 +34,16 @@ class ClientConfig:
         alloc_timeout: seconds an inference session may wait for a server's attention cache.
         server_to_server: in inference sessions, ask each server to push its outputs straight to the next
             server's session too (Petals' ``next_servers``), saving the next server a round trip.
+        stream_bytes: micro-batches are also cut to at most this many bytes of hidden states (at least one row
+            each), and run at once: each is a stream of its own with its own flow-control window (p2pd's
+            multiplexer, yamux, opens a stream with a 256 KiB window and grows it only over round trips), so on
+            a long link several windows are in flight instead of one call waiting out a round trip per window,
+            and micro-batch i+1 runs on a span while micro-batch i runs on the next. Results do not change
+            (rows are independent). None: only ``max_tokens_in_batch`` splits.
+        stream_min_rtt: ``stream_bytes`` applies only while some server's shortest ping (its link's delay:
+            ``SequenceManager.shortest_round_trips``) is at least this many seconds: on short links the extra,
+            smaller calls cost more than the windows lose (``docs/benchmarks.md``, "Through links": slower at
+            5 ms, faster at 100 ms).
         active_adapter: the name of a LoRA adapter that servers apply to every forward, backward and inference
             step (Petals' ``active_adapter``: what ``jaxseq-server --adapters`` or Petals' ``--adapters`` announce);
             only servers announcing it are routed to. None: the blocks as they are.
@@ -61,6 +71,8 @@ class ClientConfig:
     shared_memory: bool = True
     alloc_timeout: float = 10.0
     server_to_server: bool = True
+    stream_bytes: int | None = 256 * 1024
+    stream_min_rtt: float = 0.05
     active_adapter: str | None = None
     auto_compressions: tuple[str, ...] = ("float16",)
 
@@ -76,6 +88,10 @@ class ClientConfig:
             raise ValueError(f"min_backoff={self.min_backoff} exceeds max_backoff={self.max_backoff}")
         if self.max_tokens_in_batch < 1 or self.max_saved_states < 1:
             raise ValueError("ClientConfig.max_tokens_in_batch and max_saved_states must be at least 1")
+        if self.stream_bytes is not None and self.stream_bytes < 1:
+            raise ValueError(f"ClientConfig.stream_bytes must be at least 1 or None, got {self.stream_bytes}")
+        if self.stream_min_rtt < 0:
+            raise ValueError(f"ClientConfig.stream_min_rtt must be non-negative, got {self.stream_min_rtt}")
         if self.compression not in (*COMPRESSIONS, "auto"):
             raise ValueError(f"unknown compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)} or auto")
         object.__setattr__(self, "auto_compressions", tuple(self.auto_compressions))

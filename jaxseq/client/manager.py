@@ -95,6 +95,7 @@ class SequenceManager(abc.ABC):
         self._records: list[ServerRecord] = []
         self._banned: dict[str, float] = {}
         self._rtt: dict[str, float] = {}  # peer -> round-trip seconds, a moving average of pings
+        self._shortest_rtt: dict[str, float] = {}  # peer -> its shortest answered ping: the link's own delay
         self._pinging: asyncio.Task | None = None
         self._rng = random.Random(seed)
         self.verified_spans = self.unverified_spans = self.disagreements = 0
@@ -206,14 +207,23 @@ class SequenceManager(abc.ABC):
         peers = sorted({r.peer for r in self._records})
         answers = await asyncio.gather(*(self.ping(peer) for peer in peers))
         for peer, seconds in zip(peers, answers):
+            if seconds is not None:
+                self._shortest_rtt[peer] = min(seconds, self._shortest_rtt.get(peer, seconds))
             seconds = self.config.connect_timeout if seconds is None else seconds
             self._rtt[peer] = seconds if peer not in self._rtt else 0.8 * self._rtt[peer] + 0.2 * seconds
         self._rtt = {peer: value for peer, value in self._rtt.items() if peer in peers}
+        self._shortest_rtt = {peer: value for peer, value in self._shortest_rtt.items() if peer in peers}
 
     @property
     def round_trips(self) -> dict[str, float]:
         """The servers' measured round trips (seconds, moving averages of pings at each refresh of the view)."""
         return dict(self._rtt)
+
+    @property
+    def shortest_round_trips(self) -> dict[str, float]:
+        """Each server's shortest answered ping (seconds): its link's delay, without the queueing and the
+        connection set-up that a busy machine or a first call add to some pings."""
+        return dict(self._shortest_rtt)
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
         """A session of up to ``max_length`` positions for ``batch_size`` rows, with attention caches kept by
