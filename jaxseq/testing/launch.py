@@ -86,24 +86,34 @@ class LaunchedProcess:
 
     def kill(self) -> None:
         """SIGKILL the process and everything it started (its process group), as a machine dying would."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=30)
+        self._end_group()
         self._release()
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM the process alone and wait for its exit code; SIGKILL its group if it has not exited within
-        ``timeout``."""
+        ``timeout``, and what it left behind in its group once it has (a forked DHT process outlives a process
+        that dies of the signal)."""
         try:
             self.process.send_signal(signal.SIGTERM)
             code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             return self.process.returncode
+        self._end_group()
         self._release()
         return code
+
+    def _end_group(self, timeout: float = 10.0) -> None:
+        """SIGKILL the process group, reap the process, and wait (up to ``timeout``) until the group's other
+        members are reaped too: a killed child whose parent is gone stays a member until init reaps it."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=timeout)
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(self.process.pid, 0)  # ProcessLookupError once no member is left
+                time.sleep(0.01)
 
     def _release(self) -> None:
         """The process is gone: close its pipe and remove its log (read ``log_tail`` before, if needed)."""
