@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 import jaxseq
+from jaxseq.testing.launch import ServerProcess
+from jaxseq.testing.link import Link, Network, Relay
 
 # 8 Llama blocks, hidden 512, intermediate 1344, 8 heads; batch 8 x 128 tokens, 16 deep prompts, float32.
 CFG = jaxseq.LlamaConfig(
@@ -78,3 +82,23 @@ def machine() -> str:
     import os
 
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
+
+
+@contextlib.contextmanager
+def servers_behind_links(
+    network: Network, checkpoint: str | Path, spans: Sequence[tuple[int, int]], link: Link, dht_prefix: str
+) -> Iterator[tuple[list[ServerProcess], list[Relay]]]:
+    """A swarm of ``checkpoint``, a server per span, each behind a relay of its own with ``link`` (announcing the
+    relay's address); every server is SIGTERMed on leaving."""
+    relays = [network.relay(link) for _ in spans]
+    servers: list[ServerProcess] = []
+    try:
+        for relay, span in zip(relays, spans):
+            peers = [servers[0].maddr] if servers else None
+            args = ["--throughput", "1000", *relay.server_args]
+            servers.append(ServerProcess(str(checkpoint), span, dht_prefix, peers, args).wait_ready())
+            relay.attach(servers[-1])
+        yield servers, relays
+    finally:
+        for server in servers:
+            server.terminate()

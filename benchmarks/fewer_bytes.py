@@ -21,10 +21,9 @@ import numpy as np
 
 import jaxseq
 from jaxseq import RemoteSequenceManager
-from jaxseq.testing.launch import ServerProcess
 from jaxseq.testing.link import Link, Network, Relay
 
-from common import CFG, inputs, machine, run_step, timed, training_step
+from common import CFG, inputs, machine, run_step, servers_behind_links, timed, training_step
 
 SPANS = [(0, 4), (4, 8)]
 LINK = Link(rtt=0.005, bandwidth=100e6)
@@ -69,14 +68,7 @@ def main() -> None:
     print(f"{'client':<30}{'step ms':>9}{'MB/step':>9}  {'codecs (calls)':<36}{'errors: loss, grad x, grad prompts'}")
     with tempfile.TemporaryDirectory() as tmp, Network() as network:
         checkpoint = jaxseq.random_checkpoint(Path(tmp) / "llama", CFG, seed=0)
-        relays = [network.relay(LINK) for _ in SPANS]
-        servers: list[ServerProcess] = []
-        try:
-            for relay, span in zip(relays, SPANS):
-                peers = [servers[0].maddr] if servers else None
-                args_ = ["--throughput", "1000", *relay.server_args]
-                servers.append(ServerProcess(str(checkpoint), span, "bench-compression", peers, args_).wait_ready())
-                relay.attach(servers[-1])
+        with servers_behind_links(network, checkpoint, SPANS, LINK, "bench-compression") as (servers, relays):
             exact = None
             for name, config in CLIENTS.items():
                 step_s, mb, codecs, result = measure(config, servers[0].maddr, relays, x, prompts, args.steps)
@@ -85,9 +77,6 @@ def main() -> None:
                 errors = ", ".join(f"{rel_err(a, b):.1e}" for a, b in [(loss, loss0), (gx, gx0), (gp, gp0)])
                 used = ", ".join(f"{c} ({n})" for c, n in codecs.items())
                 print(f"{name:<30}{step_s * 1e3:>9.0f}{mb:>9.1f}  {used:<36}{errors}")
-        finally:
-            for server in servers:
-                server.terminate()
 
 
 if __name__ == "__main__":

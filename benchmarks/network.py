@@ -28,11 +28,10 @@ import numpy as np
 
 import jaxseq
 from jaxseq import RemoteSequenceManager
-from jaxseq.testing.launch import ServerProcess
 from jaxseq.testing.link import Link, Network, Relay, listening_port
 
 import petals_swarm
-from common import BATCH, CFG, PROMPT_LEN, SEQ, inputs, machine, run_step, timed, training_step
+from common import BATCH, CFG, PROMPT_LEN, SEQ, inputs, machine, run_step, servers_behind_links, timed, training_step
 
 SPANS = [(0, 4), (4, 8)]
 PROMPT = 64
@@ -71,14 +70,7 @@ def measure(checkpoint: Path, setting: str, link: Link, steps: int, tokens: int)
     (p2pd's multiplexer grows its flow-control windows by the round trip it measured when a connection
     opened, so changing a link under open connections would measure something no network does)."""
     with Network() as network:
-        relays = [network.relay(link) for _ in SPANS]
-        servers: list[ServerProcess] = []
-        try:
-            for relay, span in zip(relays, SPANS):
-                peers = [servers[0].maddr] if servers else None
-                args = ["--throughput", "1000", *relay.server_args]
-                servers.append(ServerProcess(str(checkpoint), span, "bench-network", peers, args).wait_ready())
-                relay.attach(servers[-1])
+        with servers_behind_links(network, checkpoint, SPANS, link, "bench-network") as (servers, relays):
             config = jaxseq.ClientConfig(shared_memory=False, request_timeout=300.0, deadline=600.0)
             before_config = dataclasses.replace(config, stream_bytes=None)
             with (
@@ -97,9 +89,6 @@ def measure(checkpoint: Path, setting: str, link: Link, steps: int, tokens: int)
                     before_times.append(timed(lambda: run_step(before, x, prompts)))
                     counts.append(counted(lambda: run_step(step, x, prompts), manager, relays))
                 token = token_seconds(model, ids, tokens)
-        finally:
-            for server in servers:
-                server.terminate()
     times, calls, crossed = zip(*counts)
     return Row(
         setting, link, statistics.median(times), statistics.median(before_times), sum(crossed) / steps / 1e6,
