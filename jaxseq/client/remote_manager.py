@@ -359,12 +359,10 @@ class RemoteSequenceManager(SequenceManager):
         return outputs
 
     def _measure_link(self, timing: CallTiming) -> None:
-        """The call's wire seconds: its round trip less the link's (pings) and the server's own time."""
+        """The call's wire seconds: its round trip less the link's delay (its shortest ping) and the server's own
+        time."""
         server_s = sum(s or 0.0 for s in (timing.server_compute_s, timing.server_wait_s, timing.server_io_s))
-        latency = self._rtt.get(timing.peer, 0.0)
-        if latency >= self.config.connect_timeout:  # a ping that timed out: the latency is unknown
-            latency = 0.0
-        wire_s = timing.round_trip_s - latency - server_s
+        wire_s = timing.round_trip_s - self._shortest_rtt.get(timing.peer, 0.0) - server_s
         self.links.record(timing.peer, timing.bytes_sent + timing.bytes_received, wire_s, timing.round_trip_s)
 
     def _record_timing(
