@@ -76,10 +76,8 @@ class _RemoteSequentialFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, prompts = ctx.saved_tensors
-        grad_x, grad_prompts = run_backward(
-            ctx.manager, _as_numpy(x), _as_numpy(prompts), _as_numpy(grad_out), ctx.handle
-        )
-        return _from_numpy(grad_x, like=x), _from_numpy(grad_prompts, like=prompts), None, None
+        grads = run_backward(ctx.manager, _as_numpy(x), _as_numpy(prompts), _as_numpy(grad_out), ctx.handle)
+        return _from_numpy(grads.inputs, like=x), _from_numpy(grads.prompts, like=prompts), None, None
 
 
 def jax_function_as_torch(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -20,7 +20,14 @@ from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 from jaxseq.client.config import ClientConfig
-from jaxseq.client.errors import MissingAdapterError, MissingBlocksError, RemoteCallError, SwarmError, swarm_errors
+from jaxseq.client.errors import (
+    LoraUnsupportedError,
+    MissingAdapterError,
+    MissingBlocksError,
+    RemoteCallError,
+    SwarmError,
+    swarm_errors,
+)
 from jaxseq.client.model import DistributedCausalLM, DistributedLlama
 from jaxseq.client.primitive import remote_sequential
 from jaxseq.models.blocks import init_block_params, local_sequential
@@ -52,6 +59,7 @@ __all__ = [
     "DistributedLlama",
     "LlamaConfig",
     "LocalSwarm",
+    "LoraUnsupportedError",
     "MissingAdapterError",
     "MissingBlocksError",
     "ModelConfig",

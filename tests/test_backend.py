@@ -44,7 +44,7 @@ def test_padded_shapes_compute_exactly(tiny_cfg, tiny_params, batch, seq, prompt
     x, prompts, grad = _arrays(tiny_cfg, batch, seq, prompt_len, 2)
     out_ref, (gx_ref, gp_ref) = _reference(tiny_cfg, tiny_params, x, prompts, grad, 1, 3)
     assert rel_err(backend.forward(x, prompts, 1, 3), out_ref) < TOL
-    gx, gp = backend.backward(x, prompts, grad, 1, 3)
+    gx, gp, _ = backend.backward(x, prompts, grad, 1, 3)
     assert rel_err(gx, gx_ref) < TOL
     assert (gp is None) if prompt_len == 0 else rel_err(gp, gp_ref) < TOL
 
@@ -68,7 +68,7 @@ def test_cached_backward_skips_the_recompute_and_equals_it(tiny_cfg, tiny_params
     out_ref, (gx_ref, gp_ref) = _reference(tiny_cfg, tiny_params, x, prompts, grad, 0, 4)
     assert rel_err(backend.forward(x, prompts, 0, 4, cache_key="a"), out_ref) < TOL
     assert len(backend.cache) == 1 and backend.cache.nbytes > x.nbytes
-    gx, gp = backend.backward(x, prompts, grad, 0, 4, cache_key="a")
+    gx, gp, _ = backend.backward(x, prompts, grad, 0, 4, cache_key="a")
     assert backend.cache.hits == 1 and len(backend.cache) == 0 and backend.cache.nbytes == 0
     assert rel_err(gx, gx_ref) < TOL and rel_err(gp, gp_ref) < TOL
 
@@ -83,7 +83,7 @@ def test_cache_misses_recompute_correctly(tiny_cfg, tiny_params, mismatch):
     prompts_b = prompts * 2 if mismatch == "other prompts" else prompts
     prompts_b = prompts_b[start:]
     _, (gx_ref, gp_ref) = _reference(tiny_cfg, tiny_params, x_b, prompts_b, grad, start, 4)
-    gx, gp = backend.backward(x_b, prompts_b, grad, start, 4, cache_key=key)
+    gx, gp, _ = backend.backward(x_b, prompts_b, grad, start, 4, cache_key=key)
     assert backend.cache.hits == 0 and backend.cache.misses == 1
     assert rel_err(gx, gx_ref) < TOL and rel_err(gp, gp_ref) < TOL
 
@@ -101,7 +101,7 @@ def test_cache_keeps_its_own_copy_of_inputs_a_client_may_reuse(tiny_cfg, tiny_pa
     shared_x += 1
     shared_prompts *= 2
     _, (gx_ref, gp_ref) = _reference(tiny_cfg, tiny_params, x + 1, prompts * 2, grad, 0, 4)
-    gx, gp = backend.backward(shared_x, shared_prompts, grad, 0, 4, cache_key="a")
+    gx, gp, _ = backend.backward(shared_x, shared_prompts, grad, 0, 4, cache_key="a")
     assert backend.cache.hits == 0 and backend.cache.misses == 1
     assert rel_err(gx, gx_ref) < TOL and rel_err(gp, gp_ref) < TOL
 

@@ -14,7 +14,7 @@ import jaxseq
 from jaxseq import RemoteSequenceManager
 
 from helpers import rel_err
-from programs.fuzz import MAY_BE_REFUSED, WELL_FORMED, fuzz
+from programs.fuzz import MAY_BE_REFUSED, SERVER_ARGS, WELL_FORMED, fuzz
 
 pytestmark = pytest.mark.network
 COUNT = 1000
@@ -26,7 +26,7 @@ RSS_GROWTH_BOUND = 32 * 2**20
 def test_fuzzed_server_survives_and_still_answers_correctly(checkpoint, start_servers):
     _, cfg, params = checkpoint
     # a small attention cache (room for 2 sessions of 8 positions), so that floods of sessions fill it
-    args = ["--max-tokens", "512", "--attn-cache-tokens", "16", "--inference-max-length", "256"]
+    args = [*SERVER_ARGS, "--attn-cache-tokens", "16", "--inference-max-length", "256"]
     (server,), prefix = start_servers([(0, 4)], extra_args=args)
     run = lambda: asyncio.run(fuzz(server.maddr, prefix, 4, cfg.hidden_size, 512, COUNT, seed=0, time_budget=300.0))  # noqa: E731
     run()
@@ -53,3 +53,5 @@ def test_fuzzed_server_survives_and_still_answers_correctly(checkpoint, start_se
             assert rel_err(session.step(np.asarray(x)), want) < 1e-5
         info = manager.server_info(server.peer_id)
         assert info["cache_tokens_available"] == 2 * 16 * 4  # every fuzzed session's cache was freed
+        lora_mb = float(SERVER_ARGS[SERVER_ARGS.index("--lora-mb") + 1])
+        assert 0 < info["jaxseq_lora"]["bytes"] <= lora_mb * 2**20  # clients' LoRA weights kept within --lora-mb

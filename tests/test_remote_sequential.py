@@ -79,6 +79,22 @@ def test_streams_only_on_long_links(make_swarm):
     assert chain._micro_batches(manager, np.zeros((4, 3, 8), np.float32)) == [slice(0, 4)]
 
 
+@pytest.mark.parametrize("rtt_before,rtt_after", [(0.0, 1.0), (1.0, 0.0)])
+def test_backward_keeps_the_micro_batches_of_its_forward(tiny_cfg, tiny_params, make_swarm, rtt_before, rtt_after):
+    """The long-link gate may open or close between a forward and its backward (a server's shortest ping is
+    only known as pings come): the backward goes through the forward's micro-batches, not new ones."""
+    config = jaxseq.ClientConfig(stream_bytes=1, stream_min_rtt=0.5, min_backoff=0.01, deadline=30.0)
+    swarm, manager = make_swarm([(0, 2), (2, 4)], config)
+    x, prompts = random_inputs(tiny_cfg, 3, 6, 2)
+    manager._shortest_rtt = {server.name: rtt_before for server in swarm.servers}
+    out, vjp = jax.vjp(lambda x, p: jaxseq.remote_sequential(x, p, manager), x, prompts)
+    manager._shortest_rtt = {server.name: rtt_after for server in swarm.servers}
+    grads = vjp(jnp.cos(out) * jnp.arange(out.shape[-1], dtype=out.dtype))
+    assert_matches(((0.0, out), grads), _reference(tiny_cfg, tiny_params, x, prompts))
+    backwards = swarm.servers[0].calls["backward"]
+    assert backwards == (len(x) if rtt_before else 1)  # as many as the forward's micro-batches, none again
+
+
 def test_servers_compute_on_a_client_of_their_own(make_swarm):
     """On the CPU, emulated servers have an XLA client (and thread pool) apart from the caller's, whose
     pool thread XLA usually blocks in the backward callback (``benchmarks/callback_thread.py``)."""

@@ -3,6 +3,7 @@
 Knows spans and retries, not bytes: every call goes through a ``SequenceManager``. Arrays are
 numpy arrays in the client's memory. Deep prompts always cover the whole chain
 (``[num_blocks, batch, prompt_len, hidden]``, indexed by absolute block number); ``prompt_len`` may be 0.
+So do the client's LoRA weights, when it has any (``LoraWeights``; None for none).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import time
 import numpy as np
 
 from jaxseq.client.errors import MissingBlocksError, ServerFailure
-from jaxseq.client.manager import SequenceManager
+from jaxseq.client.lora import LoraWeights
+from jaxseq.client.manager import SequenceManager, SpanGradients
 from jaxseq.client.retries import Retries
 from jaxseq.client.routing import Span
 from jaxseq.client.verification import verified
@@ -34,7 +36,13 @@ class SpanRun:
 
 
 async def chain_forward(
-    manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, start: int, end: int, deadline: float
+    manager: SequenceManager,
+    x: np.ndarray,
+    prompts: np.ndarray,
+    start: int,
+    end: int,
+    deadline: float,
+    lora: LoraWeights | None = None,
 ) -> tuple[np.ndarray, list[SpanRun]]:
     """Run blocks ``start..end-1``; returns the output and each span done with its input.
 
@@ -48,15 +56,15 @@ async def chain_forward(
     while pos < end:
         try:
             if not plan:
-                plan = manager.make_route(pos, end, tokens=x.shape[0] * x.shape[1])
+                plan = manager.make_route(pos, end, tokens=x.shape[0] * x.shape[1], lora_rank=lora.rank if lora else 0)
             span = plan[0]
             retries.what = f"forward of blocks {span.start}:{span.end}"
             cache_id = manager.new_cache_id()
             span_prompts = prompts[span.start : span.end]
-            out = await manager.forward(span, x, span_prompts, retries.timeout(), cache_id)
+            out = await manager.forward(span, x, span_prompts, retries.timeout(), cache_id, lora)
             if manager.should_verify():
                 ids = {span.peer: cache_id}
-                rerun = functools.partial(_rerun_forward, manager, retries, x, span_prompts, ids)
+                rerun = functools.partial(_rerun_forward, manager, retries, x, span_prompts, lora, ids)
                 span, out = await verified(manager, span, out, rerun)
                 cache_id = ids[span.peer]
         except (ServerFailure, MissingBlocksError) as error:
@@ -71,18 +79,45 @@ async def chain_forward(
 
 
 async def _rerun_forward(
-    manager: SequenceManager, retries: Retries, x: np.ndarray, prompts: np.ndarray, ids: dict, other: Span
+    manager: SequenceManager,
+    retries: Retries,
+    x: np.ndarray,
+    prompts: np.ndarray,
+    lora: LoraWeights | None,
+    ids: dict,
+    other: Span,
 ) -> np.ndarray:
     """A span's forward on ``other`` (a cross-check), under a new cache id kept in ``ids``."""
     ids[other.peer] = manager.new_cache_id()
-    return await manager.forward(other, x, prompts, retries.timeout(), ids[other.peer])
+    return await manager.forward(other, x, prompts, retries.timeout(), ids[other.peer], lora)
 
 
 async def _rerun_backward(
-    manager: SequenceManager, retries: Retries, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, other: Span
-) -> tuple[np.ndarray, np.ndarray | None]:
+    manager: SequenceManager,
+    retries: Retries,
+    x: np.ndarray,
+    grad_out: np.ndarray,
+    prompts: np.ndarray,
+    lora: LoraWeights | None,
+    other: Span,
+) -> SpanGradients:
     """A span's backward on ``other`` (a cross-check), with its inputs."""
-    return await manager.backward(other, x, grad_out, prompts, retries.timeout())
+    return await manager.backward(other, x, grad_out, prompts, retries.timeout(), lora=lora)
+
+
+def _as_tuple(grads: SpanGradients) -> tuple:
+    """A backward's gradients as a flat tuple (to compare two servers')."""
+    return (grads.inputs, grads.prompts, *[block[name] for block in grads.lora or () for name in sorted(block)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainGradients:
+    """Gradients of a call through the chain w.r.t. its hidden states, deep prompts and (None without any) the
+    client's LoRA arrays (by name, ``[num_blocks, ...]``)."""
+
+    inputs: np.ndarray
+    prompts: np.ndarray
+    lora: dict[str, np.ndarray] | None
 
 
 async def chain_backward(
@@ -91,13 +126,15 @@ async def chain_backward(
     done: list[SpanRun],
     prompts: np.ndarray,
     deadline: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Backward through ``done`` (from ``chain_forward``) in reverse; returns grad inputs and grad prompts.
+    lora: LoraWeights | None = None,
+) -> ChainGradients:
+    """Backward through ``done`` (from ``chain_forward``) in reverse.
 
     When a span's backward fails, its forward is re-run through other servers (maybe as several
     spans) from the span's saved input, and backward goes on through those.
     """
     grad_prompts = np.zeros_like(prompts)
+    grad_lora = lora.zero_grads() if lora else None
     todo = list(done)
     retries = Retries(manager, deadline, "backward")
     while todo:
@@ -106,21 +143,24 @@ async def chain_backward(
         retries.what = f"backward of blocks {span.start}:{span.end}"
         span_prompts = prompts[span.start : span.end]
         try:
-            grads = await manager.backward(span, x, grad_out, span_prompts, retries.timeout(), run.cache_id)
+            grads = await manager.backward(span, x, grad_out, span_prompts, retries.timeout(), run.cache_id, lora)
             if manager.should_verify():
-                rerun = functools.partial(_rerun_backward, manager, retries, x, grad_out, span_prompts)
-                _, grads = await verified(manager, span, grads, rerun, as_tuple=lambda g: g)
-            grad_x, span_grad_prompts = grads
+                rerun = functools.partial(_rerun_backward, manager, retries, x, grad_out, span_prompts, lora)
+                _, grads = await verified(manager, span, grads, rerun, as_tuple=_as_tuple)
         except ServerFailure as error:
             await retries.failed(error, span.start)
-            _, redone = await chain_forward(manager, x, prompts, span.start, span.end, deadline)
+            _, redone = await chain_forward(manager, x, prompts, span.start, span.end, deadline, lora)
             todo.extend(redone)
             continue
-        grad_out = grad_x
-        if span_grad_prompts is not None:
-            grad_prompts[span.start : span.end] = span_grad_prompts
+        grad_out = grads.inputs
+        if grads.prompts is not None:
+            grad_prompts[span.start : span.end] = grads.prompts
+        if grad_lora is not None and grads.lora is not None:
+            for block, named in enumerate(grads.lora, start=span.start):
+                for name, grad in named.items():
+                    grad_lora[name][block] = grad
         retries.succeeded()
-    return grad_out, grad_prompts
+    return ChainGradients(grad_out, grad_prompts, grad_lora)
 
 
 def micro_batches(x: np.ndarray, max_tokens: int, stream_bytes: int | None = None) -> list[slice]:
@@ -144,16 +184,24 @@ def _micro_batches(manager: SequenceManager, x: np.ndarray) -> list[slice]:
     return micro_batches(x, config.max_tokens_in_batch, config.stream_bytes if long_link else None)
 
 
+@dataclasses.dataclass(frozen=True)
+class MicroBatchRun:
+    """A micro-batch whose forward is done: its rows of the call, and its spans."""
+
+    rows: slice
+    spans: list[SpanRun]
+
+
 async def forward_batches(
-    manager: SequenceManager, x: np.ndarray, prompts: np.ndarray
-) -> tuple[np.ndarray, list[list[SpanRun]]]:
-    """Forward through the whole chain, micro-batches concurrently; returns outputs and per-batch spans."""
+    manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, lora: LoraWeights | None = None
+) -> tuple[np.ndarray, list[MicroBatchRun]]:
+    """Forward through the whole chain, micro-batches concurrently; returns outputs and each micro-batch's run."""
     deadline = time.monotonic() + manager.config.deadline
     parts = _micro_batches(manager, x)
     results = await _gather(
-        [chain_forward(manager, x[s], prompts[:, s], 0, manager.num_blocks, deadline) for s in parts]
+        [chain_forward(manager, x[s], prompts[:, s], 0, manager.num_blocks, deadline, lora) for s in parts]
     )
-    return np.concatenate([out for out, _ in results]), [done for _, done in results]
+    return np.concatenate([out for out, _ in results]), [MicroBatchRun(s, done) for s, (_, done) in zip(parts, results)]
 
 
 async def backward_batches(
@@ -161,20 +209,27 @@ async def backward_batches(
     x: np.ndarray,
     prompts: np.ndarray,
     grad_out: np.ndarray,
-    done: list[list[SpanRun]] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Gradients w.r.t. ``x`` and ``prompts``; ``done`` is forward's saved state, or None to recompute it."""
+    done: list[MicroBatchRun] | None = None,
+    lora: LoraWeights | None = None,
+) -> ChainGradients:
+    """Gradients w.r.t. ``x``, ``prompts`` and ``lora`` (summed over micro-batches); ``done`` is forward's saved
+    state (its micro-batches are kept: the long-link gate may have changed since), or None to recompute it."""
     deadline = time.monotonic() + manager.config.deadline
-    parts = _micro_batches(manager, x)
+    runs = done if done is not None else [MicroBatchRun(s, []) for s in _micro_batches(manager, x)]
 
-    async def one(i: int, s: slice):
-        spans = done[i] if done is not None else None
-        if spans is None:
-            _, spans = await chain_forward(manager, x[s], prompts[:, s], 0, manager.num_blocks, deadline)
-        return await chain_backward(manager, grad_out[s], spans, prompts[:, s], deadline)
+    async def one(run: MicroBatchRun) -> ChainGradients:
+        s, spans = run.rows, run.spans
+        if not spans:
+            _, spans = await chain_forward(manager, x[s], prompts[:, s], 0, manager.num_blocks, deadline, lora)
+        return await chain_backward(manager, grad_out[s], spans, prompts[:, s], deadline, lora)
 
-    results = await _gather([one(i, s) for i, s in enumerate(parts)])
-    return np.concatenate([g for g, _ in results]), np.concatenate([gp for _, gp in results], axis=1)
+    results = await _gather([one(run) for run in runs])
+    grad_lora = None
+    if lora is not None:
+        grad_lora = {name: sum(r.lora[name] for r in results if r.lora is not None) for name in lora.names}
+    return ChainGradients(
+        np.concatenate([r.inputs for r in results]), np.concatenate([r.prompts for r in results], axis=1), grad_lora
+    )
 
 
 async def _gather(coros: list):

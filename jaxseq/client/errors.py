@@ -57,6 +57,24 @@ class MissingAdapterError(SwarmError):
         )
 
 
+class LoraUnsupportedError(SwarmError):
+    """Servers hold a block the call needs, but none of them applies a client's LoRA weights of its rank
+    (Petals servers apply none; jaxseq servers up to their ``--max-lora-rank``). Not retried.
+
+    Example:
+        >>> print(LoraUnsupportedError(3, 8, 0))
+        LoraUnsupportedError: no server of block 3 applies a client's LoRA weights of rank 8 (the highest ...
+    """
+
+    def __init__(self, block: int, rank: int, best: int):
+        self.block, self.rank = block, rank
+        super().__init__(
+            f"no server of block {block} applies a client's LoRA weights of rank {rank} (the highest rank its "
+            f"servers take is {best}; Petals servers take none). Lower lora_rank, or start jaxseq servers for it "
+            "(jaxseq-server --max-lora-rank, 64 by default)"
+        )
+
+
 class RemoteCallError(SwarmError):
     """Calls for a span kept failing until ``max_retries`` or ``deadline`` ran out.
 
@@ -93,6 +111,13 @@ class FaultyResponse(ServerFailure):
 
 class CacheMissed(ServerFailure):
     """A backward named a forward the server did not keep: send it again with its inputs."""
+
+    def __init__(self, peer: str, message: str):
+        super().__init__(peer, message, reachable=True)
+
+
+class LoraMissed(ServerFailure):
+    """A call named LoRA weights the server no longer holds: give them again."""
 
     def __init__(self, peer: str, message: str):
         super().__init__(peer, message, reachable=True)

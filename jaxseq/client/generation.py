@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseq.client.lora import LoraWeights
 from jaxseq.models.decoder import lm_logits
 
 
@@ -116,7 +117,10 @@ def generate(
     choice = dict(eps=model.config.rms_norm_eps, do_sample=do_sample, top_k=top_k)
     unfinished = np.ones(batch, bool)
     generated = []
-    with model.manager.inference_session(max_length=hidden.shape[1] + max_new_tokens, batch_size=batch) as session:
+    lora = model.lora_weights()
+    host_lora = None if lora is None else LoraWeights.of({name: np.asarray(array) for name, array in lora.items()})
+    max_length = hidden.shape[1] + max_new_tokens
+    with model.manager.inference_session(max_length, batch, host_lora) as session:
         out = session.step(np.asarray(hidden), None if prompts is None else np.asarray(prompts))
         for _ in range(max_new_tokens):
             chosen, embedded, key = _next_tokens(

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxseq.arrays import all_finite, is_floating
 from jaxseq.client.errors import MissingBlocksError, ServerFailure
+from jaxseq.client.lora import LoraWeights
 from jaxseq.client.manager import SequenceManager
 from jaxseq.client.retries import Retries
 from jaxseq.client.routing import Span
@@ -66,7 +67,8 @@ class InferenceSession:
     the last block's outputs for them. ``position`` is the number of positions done; assigning a smaller
     one rolls back (the next step continues from there). Deep ``prompts`` (``[num_blocks, batch,
     prompt_len, hidden]``, added to the first ``prompt_len`` positions before each block, as in training)
-    go with the first step. ``hypo_ids`` reorder the batch's rows before a step (beam search).
+    go with the first step. ``hypo_ids`` reorder the batch's rows before a step (beam search). ``lora``: the
+    client's LoRA weights, which every server of the chain applies (as in training).
 
     Example:
         >>> with manager.inference_session(max_length=8, batch_size=2) as session:
@@ -76,10 +78,10 @@ class InferenceSession:
         ((2, 5, 32), (2, 1, 32), 6)
     """
 
-    def __init__(self, manager: SequenceManager, max_length: int, batch_size: int):
+    def __init__(self, manager: SequenceManager, max_length: int, batch_size: int, lora: LoraWeights | None = None):
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"max_length and batch_size must be at least 1, got {max_length} and {batch_size}")
-        self.manager, self.max_length, self.batch_size = manager, max_length, batch_size
+        self.manager, self.max_length, self.batch_size, self.lora = manager, max_length, batch_size, lora
         self._spans: list[_SpanState] = []
         self._position = 0
         self._rollback: int | None = None
@@ -228,9 +230,12 @@ class InferenceSession:
         """Route blocks ``block..`` for inference and open a server session on each span; the first inherits
         ``carried``, the history of the blocks from ``block`` on."""
         needed = self.batch_size * self.max_length
-        route = self.manager.make_route(block, self.manager.num_blocks, tokens=self.batch_size, cache_tokens=needed)
+        lora_rank = self.lora.rank if self.lora else 0
+        route = self.manager.make_route(
+            block, self.manager.num_blocks, tokens=self.batch_size, cache_tokens=needed, lora_rank=lora_rank
+        )
         for span in route:
-            server = await self.manager._open_server_session(span, self.max_length, self.batch_size)
+            server = await self.manager._open_server_session(span, self.max_length, self.batch_size, self.lora)
             if carried is None:
                 carried = np.zeros((self.batch_size, self.max_length, self._hidden), self._dtype)
             self._spans.append(_SpanState(server, carried))

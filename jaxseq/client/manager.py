@@ -16,13 +16,14 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from jaxseq.arrays import all_finite
 from jaxseq.client.config import ClientConfig
 from jaxseq.client.errors import FaultyResponse, ServerFailure
+from jaxseq.client.lora import LoraWeights
 from jaxseq.client.routing import Span, route
 from jaxseq.remote.records import ServerRecord, ServerState
 
@@ -122,23 +123,35 @@ class SequenceManager(abc.ABC):
         """A fresh view of the swarm."""
 
     @abc.abstractmethod
-    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
+    async def _call_forward(
+        self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str, lora: LoraWeights | None
+    ) -> np.ndarray:
         """One forward RPC; raises ``ServerFailure`` on any failure of the server or the wire.
 
         ``cache_id`` names this forward so that the server may keep its activations for the
-        backward that follows with the same id (servers that don't, recompute).
+        backward that follows with the same id (servers that don't, recompute). ``lora``: the client's
+        LoRA weights (the span's blocks' apply), or None.
         """
 
     @abc.abstractmethod
-    async def _open_server_session(self, span: Span, max_length: int, batch_size: int) -> ServerSession:
-        """Open an inference session on ``span``'s server (``jaxseq.client.inference.ServerSession``); raises
-        ``ServerFailure`` when it can't be opened."""
+    async def _open_server_session(
+        self, span: Span, max_length: int, batch_size: int, lora: LoraWeights | None
+    ) -> ServerSession:
+        """Open an inference session on ``span``'s server (``jaxseq.client.inference.ServerSession``), with the
+        client's ``lora`` weights applied if any; raises ``ServerFailure`` when it can't be opened."""
 
     @abc.abstractmethod
     async def _call_backward(
-        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, cache_id: str
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """One backward RPC; returns grad inputs and (if ``prompt_len > 0``) grad prompts."""
+        self,
+        span: Span,
+        x: np.ndarray,
+        grad_out: np.ndarray,
+        prompts: np.ndarray,
+        cache_id: str,
+        lora: LoraWeights | None,
+    ) -> tuple[Any, ...]:
+        """One backward RPC; returns grad inputs, (if ``prompt_len > 0``) grad prompts, and (with ``lora``) the
+        gradients of the span's LoRA arrays in ``lora.grad_shapes`` order, as the server sent them."""
 
     # --- running -------------------------------------------------------------------------------
     def run(self, coro: Coroutine) -> Any:
@@ -187,13 +200,16 @@ class SequenceManager(abc.ABC):
         if self._pinging is None or self._pinging.done():  # in the background: a refresh never waits for pings
             self._pinging = asyncio.ensure_future(self._measure_round_trips())
 
-    def make_route(self, start: int, end: int, tokens: int = 1, cache_tokens: int = 0) -> list[Span]:
+    def make_route(
+        self, start: int, end: int, tokens: int = 1, cache_tokens: int = 0, lora_rank: int = 0
+    ) -> list[Span]:
         """The spans expected to run blocks ``start..end-1`` fastest for ``tokens`` tokens per call, from the
         current view and the servers' measured round trips (raises ``MissingBlocksError``); with
-        ``cache_tokens``, for an inference session of that batch times length."""
+        ``cache_tokens``, for an inference session of that batch times length; with ``lora_rank``, through
+        servers that apply a client's LoRA weights of that rank."""
         return route(
             self._records, start, end, banned=self._active_bans(), rtt=self._rtt, tokens=tokens, rng=self._rng,
-            cache_tokens=cache_tokens, adapter=self.config.active_adapter,
+            cache_tokens=cache_tokens, adapter=self.config.active_adapter, lora_rank=lora_rank,
         )  # fmt: skip
 
     async def ping(self, peer: str) -> float | None:
@@ -225,12 +241,15 @@ class SequenceManager(abc.ABC):
         connection set-up that a busy machine or a first call add to some pings."""
         return dict(self._shortest_rtt)
 
-    def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
+    def inference_session(
+        self, max_length: int, batch_size: int = 1, lora: LoraWeights | None = None
+    ) -> InferenceSession:
         """A session of up to ``max_length`` positions for ``batch_size`` rows, with attention caches kept by
-        the servers (``jaxseq.client.inference.InferenceSession``; use it as a context manager)."""
+        the servers (``jaxseq.client.inference.InferenceSession``; use it as a context manager), and the
+        client's ``lora`` weights applied if any."""
         from jaxseq.client.inference import InferenceSession
 
-        return InferenceSession(self, max_length, batch_size)
+        return InferenceSession(self, max_length, batch_size, lora)
 
     def _active_bans(self) -> dict[str, float]:
         """Bans younger than ``ban_timeout`` (peer -> time of the ban); older ones are forgotten."""
@@ -295,26 +314,50 @@ class SequenceManager(abc.ABC):
         return f"{self._client_id}-{next(self._cache_ids)}"
 
     async def forward(
-        self, span: Span, x: np.ndarray, prompts: np.ndarray, timeout: float, cache_id: str = ""
+        self,
+        span: Span,
+        x: np.ndarray,
+        prompts: np.ndarray,
+        timeout: float,
+        cache_id: str = "",
+        lora: LoraWeights | None = None,
     ) -> np.ndarray:
-        """Forward through one span; raises ``ServerFailure`` (``FaultyResponse`` for bad answers)."""
+        """Forward through one span (with the client's ``lora`` applied, if any); raises ``ServerFailure``
+        (``FaultyResponse`` for bad answers)."""
         with self._counted(span):
-            out = await self._guarded(self._call_forward(span, x, prompts, cache_id), span, timeout)
+            out = await self._guarded(self._call_forward(span, x, prompts, cache_id, lora), span, timeout)
             check_reply(span, "output", out, x.shape, x.dtype)
         return out
 
     async def backward(
-        self, span: Span, x: np.ndarray, grad_out: np.ndarray, prompts: np.ndarray, timeout: float, cache_id: str = ""
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Backward through one span; validates both gradients like ``forward`` validates outputs."""
+        self,
+        span: Span,
+        x: np.ndarray,
+        grad_out: np.ndarray,
+        prompts: np.ndarray,
+        timeout: float,
+        cache_id: str = "",
+        lora: LoraWeights | None = None,
+    ) -> SpanGradients:
+        """Backward through one span; validates every gradient like ``forward`` validates outputs."""
         with self._counted(span):
-            grad_x, grad_prompts = await self._guarded(
-                self._call_backward(span, x, grad_out, prompts, cache_id), span, timeout
-            )
-            check_reply(span, "grad_inputs", grad_x, x.shape, x.dtype)
-            if prompts.shape[2] > 0:
-                check_reply(span, "grad_prompts", grad_prompts, prompts.shape, prompts.dtype)
-        return grad_x, grad_prompts
+            grads = await self._guarded(self._call_backward(span, x, grad_out, prompts, cache_id, lora), span, timeout)
+            with_prompts = prompts.shape[2] > 0
+            lora_shapes = lora.grad_shapes(span.start, span.end) if lora else []
+            if len(grads) != 1 + with_prompts + len(lora_shapes):
+                raise FaultyResponse(
+                    span.peer, f"backward returned {len(grads)} tensors, expected {1 + with_prompts + len(lora_shapes)}"
+                )
+            check_reply(span, "grad_inputs", grads[0], x.shape, x.dtype)
+            if with_prompts:
+                check_reply(span, "grad_prompts", grads[1], prompts.shape, prompts.dtype)
+            for grad, (shape, dtype) in zip(grads[1 + with_prompts :], lora_shapes):
+                check_reply(span, "LoRA gradients", grad, shape, dtype)
+        grad_lora = None
+        if lora:
+            flat = iter(grads[1 + with_prompts :])
+            grad_lora = [{name: next(flat) for name in lora.names} for _ in range(span.start, span.end)]
+        return SpanGradients(grads[0], grads[1] if with_prompts else None, grad_lora)
 
     @contextlib.contextmanager
     def _counted(self, span: Span):
@@ -338,6 +381,15 @@ class SequenceManager(abc.ABC):
     def record_error(self, error: BaseException) -> None:
         """Remember the last error, so users can get the typed exception that ``jit`` turns into text."""
         self.last_error = error
+
+
+class SpanGradients(NamedTuple):
+    """One span's backward: gradients w.r.t. its inputs, prompts (None without any) and the client's LoRA arrays
+    (each of the span's blocks', by name; None without any)."""
+
+    inputs: np.ndarray
+    prompts: np.ndarray | None
+    lora: list[dict[str, np.ndarray]] | None
 
 
 def check_reply(span: Span, what: str, value, shape: Sequence[int], dtype) -> None:

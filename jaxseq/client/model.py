@@ -4,11 +4,15 @@ The embedding, final norm and LM head are read from the checkpoint and run local
 blocks run through ``remote_sequential``. Trainable prompts follow Petals' tuning modes:
 ``"ptune"`` prepends ``prompt_len`` trainable embeddings, ``"deep_ptune"`` also adds a trainable
 prompt before every block (``deep_prompts``: ``[num_blocks, 1, prompt_len, hidden]``, broadcast over
-the batch). Prompt positions are dropped from the logits.
+the batch). Prompt positions are dropped from the logits. ``"lora"`` (alone, or with either as
+``"ptune+lora"``, ``"deep_ptune+lora"``) trains LoRA matrices of the blocks' projections, kept here and
+applied by the servers (``ClientLora``); ``save_lora`` writes them as a PEFT adapter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,20 +24,70 @@ from jaxseq.client.manager import SequenceManager
 from jaxseq.client.primitive import remote_sequential
 from jaxseq.models.checkpoint import generation_defaults, load_config, load_head
 from jaxseq.models.config import ModelConfig
-from jaxseq.models.decoder import lm_logits
+from jaxseq.models.decoder import LORA_A, LORA_B, lm_logits
 from jaxseq.models.hub import PathLike
+from jaxseq.models.lora import check_targets, save_adapter, scaling
+from jaxseq.models.lora import lora_targets as target_specs
 
-TUNING_MODES = (None, "ptune", "deep_ptune")
+TUNING_MODES = (None, "ptune", "deep_ptune", "lora", "ptune+lora", "deep_ptune+lora")
 
 
 class Frozen(nnx.Variable):
     """Weights loaded from the checkpoint and never trained (optimizers take ``wrt=nnx.Param``)."""
 
 
+class ClientLora(nnx.Module):
+    """Trainable LoRA matrices of every block's ``targets``, as PEFT initialises them: ``a[target]: [blocks, in,
+    rank]`` uniform in ±1/sqrt(in) (PEFT's Kaiming-uniform), ``b[target]: [blocks, rank, out]`` zero, so the
+    model starts equal to the checkpoint's. ``weights()`` gives what the servers apply (``b`` scaled).
+
+    Example:
+        >>> lora = ClientLora(cfg, rank=4, alpha=8, targets=("q_proj", "v_proj"), rngs=nnx.Rngs(0))
+        >>> {name: w.shape for name, w in lora.weights().items()}["q_proj_lora_a"]
+        (4, 32, 4)
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rank: int,
+        alpha: float,
+        targets: Sequence[str],
+        use_rslora: bool = False,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        check_targets(cfg, targets)
+        if rank < 1:
+            raise ValueError(f"lora_rank must be at least 1, got {rank}")
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.scaling = scaling(rank, alpha, use_rslora)
+        specs, blocks = target_specs(cfg), cfg.num_hidden_layers
+        bounds = {t: 1 / np.sqrt(specs[t].shape[0]) for t in targets}
+        self.a = nnx.Dict({
+            t: nnx.Param(jax.random.uniform(rngs.params(), (blocks, specs[t].shape[0], rank), dtype, -b, b))
+            for t, b in bounds.items()
+        })  # fmt: skip
+        self.b = nnx.Dict({t: nnx.Param(jnp.zeros((blocks, rank, specs[t].shape[1]), dtype)) for t in targets})
+
+    def weights(self) -> dict[str, jax.Array]:
+        """The arrays the servers apply, in ``jaxseq.models.lora``'s layout (``b`` times the scaling)."""
+        weights = {}
+        for target in self.a:
+            weights[LORA_A.format(target)] = self.a[target][...]
+            weights[LORA_B.format(target)] = self.b[target][...] * self.scaling
+        return weights
+
+
 class DistributedCausalLM(nnx.Module):
     """A causal LM: local embedding and head, remote blocks, trainable prompts. The family (Llama,
     Mistral, Qwen2, Qwen3, Mixtral) comes from the checkpoint, a local folder or a hub model id (of which
     only the config and the shards of the embedding and head are fetched).
+
+    With ``tuning_mode`` ending in ``"lora"``, ``lora`` (a ``ClientLora``) trains rank ``lora_rank`` matrices of
+    ``lora_targets`` (default: every projection of the family that takes LoRA), scaled by ``lora_alpha /
+    lora_rank`` (``/ sqrt(lora_rank)`` with ``use_rslora``), through servers that apply them.
 
     Raises ``ValueError`` when the swarm serves another model: another number of blocks, hidden size or
     family than the checkpoint's.
@@ -56,6 +110,10 @@ class DistributedCausalLM(nnx.Module):
         *,
         tuning_mode: str | None = None,
         prompt_len: int = 16,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: Sequence[str] | None = None,
+        use_rslora: bool = False,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs | None = None,
         revision: str | None = None,
@@ -64,29 +122,59 @@ class DistributedCausalLM(nnx.Module):
             raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
         cfg = load_config(checkpoint, revision)
         _check_swarm(manager, cfg, checkpoint)
-        if tuning_mode and prompt_len < 1:
+        prompt_mode = (tuning_mode or "").removesuffix("lora").removesuffix("+") or None
+        if prompt_mode and prompt_len < 1:
             raise ValueError(f"prompt_len must be at least 1 with tuning_mode={tuning_mode!r}, got {prompt_len}")
         head = load_head(checkpoint, dtype, revision)
         self.generation_defaults = generation_defaults(checkpoint, revision)
         self.config = cfg
         self.manager = manager
         self.tuning_mode = tuning_mode
-        self.prompt_len = prompt_len if tuning_mode else 0
+        self.prompt_mode = prompt_mode
+        self.prompt_len = prompt_len if prompt_mode else 0
         self.embed_tokens = Frozen(head["embed_tokens"])
         self.norm = Frozen(head["norm"])
         self.lm_head = Frozen(head["lm_head"])
-        if tuning_mode:
-            rngs = rngs or nnx.Rngs(0)
+        rngs = rngs or nnx.Rngs(0)
+        if prompt_mode:
             self.prompt_embeddings = nnx.Param(
                 0.02 * jax.random.normal(rngs.params(), (prompt_len, cfg.hidden_size), dtype)
             )
-        if tuning_mode == "deep_ptune":
+        if prompt_mode == "deep_ptune":
             self.deep_prompts = nnx.Param(jnp.zeros((cfg.num_hidden_layers, 1, prompt_len, cfg.hidden_size), dtype))
+        self.lora = (
+            ClientLora(
+                cfg, rank=lora_rank, alpha=lora_alpha, targets=lora_targets or tuple(target_specs(cfg)),
+                use_rslora=use_rslora, dtype=dtype, rngs=rngs,
+            )
+            if tuning_mode and tuning_mode.endswith("lora")
+            else None
+        )  # fmt: skip
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """Logits ``[batch, seq, vocab]`` for token ids ``[batch, seq]``."""
         hidden, prompts = self.embed(input_ids, with_prompts=True)
-        return self.logits(remote_sequential(hidden, prompts, self.manager)[:, self.prompt_len :])
+        out = remote_sequential(hidden, prompts, self.manager, self.lora_weights())
+        return self.logits(out[:, self.prompt_len :])
+
+    def lora_weights(self) -> dict[str, jax.Array] | None:
+        """The LoRA weights the servers apply (``ClientLora.weights``), or None without LoRA."""
+        return None if self.lora is None else self.lora.weights()
+
+    def save_lora(self, path: PathLike) -> Path:
+        """Write the trained LoRA matrices as a PEFT adapter folder, which ``peft`` loads onto the checkpoint's
+        transformers model and ``jaxseq-server --adapters`` serves.
+
+        Example:
+            >>> model = DistributedCausalLM(checkpoint, manager, tuning_mode="lora", lora_rank=2)
+            >>> sorted(p.name for p in model.save_lora(tmp / "trained").iterdir())
+            ['adapter_config.json', 'adapter_model.safetensors']
+        """
+        if self.lora is None:
+            raise ValueError(f"this model trains no LoRA (tuning_mode={self.tuning_mode!r}); use tuning_mode='lora'")
+        lora = self.lora
+        weights = {t: (np.asarray(lora.a[t][...]), np.asarray(lora.b[t][...])) for t in lora.a}
+        return save_adapter(path, self.config, weights, alpha=lora.alpha, use_rslora=lora.use_rslora)
 
     def embed(self, input_ids: jax.Array, with_prompts: bool) -> tuple[jax.Array, jax.Array | None]:
         """Hidden states of token ids ``[batch, seq]``, and (``with_prompts``) the trained prompts put where
@@ -97,10 +185,10 @@ class DistributedCausalLM(nnx.Module):
         hidden = self.embed_tokens[...][input_ids]
         batch, hidden_size = hidden.shape[0], hidden.shape[-1]
         prompts = None
-        if with_prompts and self.tuning_mode:
+        if with_prompts and self.prompt_mode:
             prefix = jnp.broadcast_to(self.prompt_embeddings[...], (batch, self.prompt_len, hidden_size))
             hidden = jnp.concatenate([prefix.astype(hidden.dtype), hidden], axis=1)
-        if with_prompts and self.tuning_mode == "deep_ptune":
+        if with_prompts and self.prompt_mode == "deep_ptune":
             deep = self.deep_prompts[...]
             prompts = jnp.broadcast_to(deep, (deep.shape[0], batch) + deep.shape[2:])
         return hidden, prompts

@@ -26,7 +26,8 @@ from hivemind.utils.asyncio import as_aiter
 from jaxseq.arrays import is_floating
 from jaxseq.client.codecs import LinkEstimates
 from jaxseq.client.config import ClientConfig
-from jaxseq.client.errors import CacheMissed, FaultyResponse, ServerFailure, SharedMemoryRefused
+from jaxseq.client.errors import CacheMissed, FaultyResponse, LoraMissed, ServerFailure, SharedMemoryRefused
+from jaxseq.client.lora import LoraWeights
 from jaxseq.client.manager import SequenceManager, check_reply
 from jaxseq.client.routing import Span
 from jaxseq.client.shm import SegmentPool
@@ -56,7 +57,13 @@ class CallTiming:
 
 _UNREACHABLE = (P2PDaemonError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)
 # Error replies the client acts on other than by retrying elsewhere, as typed failures.
-_FAILURES = {protocol.ErrorKind.CACHE_MISS: CacheMissed, protocol.ErrorKind.SHARED_MEMORY: SharedMemoryRefused}
+_FAILURES = {
+    protocol.ErrorKind.CACHE_MISS: CacheMissed,
+    protocol.ErrorKind.SHARED_MEMORY: SharedMemoryRefused,
+    protocol.ErrorKind.LORA_MISS: LoraMissed,
+}
+# (peer, LoRA digest) pairs remembered as given; beyond this many the oldest are forgotten (and given again if used)
+_MAX_LORA_GIVEN = 4096
 
 
 class RemoteSequenceManager(SequenceManager):
@@ -94,6 +101,8 @@ class RemoteSequenceManager(SequenceManager):
         self._machine = shm.machine_id()
         self._no_shared_memory: set[str] = set()
         self._segments = SegmentPool()
+        # (peer, digest) -> the call giving that block's LoRA weights to that server (done: given)
+        self._lora_given: collections.OrderedDict[tuple[str, str], asyncio.Future] = collections.OrderedDict()
         self._p2p: P2P | None = None
         self.dht: hivemind.DHT | None = None
         try:
@@ -220,8 +229,10 @@ class RemoteSequenceManager(SequenceManager):
         return time.perf_counter() - start
 
     # --- the wire ------------------------------------------------------------------------------
-    def _metadata(self, cache_id: str, inputs_cached: bool, codec: str, n_results: int) -> dict:
-        metadata = {"points": 0.0, "active_adapter": self.config.active_adapter or ""}
+    def _metadata(self, cache_id: str, inputs_cached: bool, codec: str, n_results: int, lora: list[str]) -> dict:
+        metadata: dict[str, Any] = {"points": 0.0, "active_adapter": self.config.active_adapter or ""}
+        if lora:
+            metadata[protocol.LORA_KEY] = lora
         if cache_id:
             metadata[protocol.CACHE_ID_KEY] = cache_id
         if inputs_cached:
@@ -246,20 +257,87 @@ class RemoteSequenceManager(SequenceManager):
         results: list[tuple[tuple, np.dtype]],
         cache_id: str,
         inputs_cached: bool = False,
+        lora: LoraWeights | None = None,
     ) -> list[np.ndarray]:
         """One RPC: through shared memory (see ``shm``) to a jaxseq server on this machine, else over the wire.
         ``results`` are the shapes and dtypes the reply must have (for the shared-memory segments);
-        ``inputs_cached``: a backward that sends only grad outputs (see ``protocol.INPUTS_CACHED_KEY``)."""
+        ``inputs_cached``: a backward that sends only grad outputs (see ``protocol.INPUTS_CACHED_KEY``); ``lora``:
+        the client's LoRA weights, given to the server first where it does not hold them yet."""
+        if lora is None:
+            return await self._call_once(span, rpc, arrays, results, cache_id, inputs_cached, [])
+        digests = list(lora.digests[span.start : span.end])
+        await self._give_lora(span, lora)
+        try:
+            return await self._call_once(span, rpc, arrays, results, cache_id, inputs_cached, digests)
+        except LoraMissed:  # evicted since: give them again, once
+            self._forget_lora(span.peer, lora)
+            await self._give_lora(span, lora)
+            return await self._call_once(span, rpc, arrays, results, cache_id, inputs_cached, digests)
+
+    async def _give_lora(self, span: Span, lora: LoraWeights) -> None:
+        """Make sure ``span``'s server holds the span's blocks' LoRA weights: give those it was not given, in one
+        call that concurrent calls needing them wait for (so a step gives them once, not once per micro-batch)."""
+        waiting = []
+        missing = [b for b in range(span.start, span.end) if (span.peer, lora.digests[b]) not in self._lora_given]
+        if missing:
+            first, last = missing[0], missing[-1] + 1
+            giving = asyncio.ensure_future(self._send_lora(span, lora, first, last))
+            for block in range(first, last):
+                self._lora_given[span.peer, lora.digests[block]] = giving
+            while len(self._lora_given) > _MAX_LORA_GIVEN:
+                self._lora_given.popitem(last=False)
+
+            def forget_if_failed(done: asyncio.Future) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    for block in range(first, last):
+                        if self._lora_given.get((span.peer, lora.digests[block])) is done:
+                            del self._lora_given[span.peer, lora.digests[block]]
+
+            giving.add_done_callback(forget_if_failed)
+        for block in range(span.start, span.end):
+            waiting.append(self._lora_given[span.peer, lora.digests[block]])
+        await asyncio.gather(*{id(f): asyncio.shield(f) for f in waiting}.values())
+
+    async def _send_lora(self, span: Span, lora: LoraWeights, first: int, last: int) -> None:
+        """``rpc_lora`` with blocks ``first..last-1``'s LoRA weights, uncompressed (servers keep them by digest)."""
+        arrays = [lora.block(block)[name] for block in range(first, last) for name in lora.names]
+        metadata = {protocol.LORA_NAMES_KEY: lora.names}
+        uids = protocol.span_uids(self.dht_prefix, first, last)
+        t0 = time.perf_counter()
+        requests = await asyncio.to_thread(protocol.streamed_requests, uids, arrays, metadata)
+        with self._failures(span):
+            t1 = time.perf_counter()
+            stream = await self._open_p2p.iterate_protobuf_handler(
+                PeerID.from_base58(span.peer), protocol.RPC_LORA, as_aiter(*requests), runtime_pb2.ExpertResponse
+            )
+            responses = [response async for response in stream]
+            t2 = time.perf_counter()
+            held = protocol.decode_metadata(responses[0].metadata).get(protocol.LORA_KEY) if responses else None
+        if held != list(lora.digests[first:last]):
+            raise FaultyResponse(span.peer, f"rpc_lora answered digests {held!r:.200}, not the weights' own")
+        sent = sum(len(t.buffer) for r in requests for t in r.tensors)
+        self._record_timing(span, protocol.RPC_LORA, "stream", (t0, t1, t2, time.perf_counter()), b"", sent, 0)
+
+    async def _call_once(
+        self,
+        span: Span,
+        rpc: tuple[str, str],
+        arrays: list,
+        results: list[tuple[tuple, np.dtype]],
+        cache_id: str,
+        inputs_cached: bool,
+        lora: list[str],
+    ) -> list[np.ndarray]:
         if self.config.shared_memory and self._same_machine(span.peer):
             try:
-                metadata = self._metadata(cache_id, inputs_cached, "none", len(results))  # no wire to spare
+                metadata = self._metadata(cache_id, inputs_cached, "none", len(results), lora)  # no wire to spare
                 return await self._call_shared_memory(span, rpc[0], arrays, results, metadata)
             except SharedMemoryRefused as refused:  # e.g. a server run by another user: use the wire
                 logger.info("server %s refused shared memory, sending tensors over the wire: %s", span.peer, refused)
                 self._no_shared_memory.add(span.peer)
         codec = self._codec(span.peer, arrays, results)
         self.codecs_used[span.peer, codec] += 1
-        metadata = self._metadata(cache_id, inputs_cached, codec, len(results))
+        metadata = self._metadata(cache_id, inputs_cached, codec, len(results), lora)
         return await self._call_wire(span, rpc, arrays, metadata, codec)
 
     def _same_machine(self, peer: str) -> bool:
@@ -395,38 +473,51 @@ class RemoteSequenceManager(SequenceManager):
             return array.astype(dtype)
         return array
 
-    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
+    async def _call_forward(
+        self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str, lora: LoraWeights | None
+    ) -> np.ndarray:
         arrays = [x, prompts if prompts.shape[2] else None]
         rpc = (protocol.RPC_FORWARD, protocol.RPC_FORWARD_STREAM)
-        outputs = await self._call(span, rpc, arrays, [(x.shape, x.dtype)], cache_id)
+        outputs = await self._call(span, rpc, arrays, [(x.shape, x.dtype)], cache_id, lora=lora)
         if len(outputs) != 1:
             raise FaultyResponse(span.peer, f"forward returned {len(outputs)} tensors, expected 1")
         return self._as_requested(span, outputs[0], x.dtype)
 
-    async def _call_backward(self, span, x, grad_out, prompts, cache_id):
+    async def _call_backward(self, span, x, grad_out, prompts, cache_id, lora):
         with_prompts = prompts.shape[2] > 0
         rpc = (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM)
         results = [(x.shape, x.dtype)] + ([(prompts.shape, prompts.dtype)] if with_prompts else [])
+        results += lora.grad_shapes(span.start, span.end) if lora else []
         grads = None
         if cache_id and self._caches_backward(span.peer):  # the server has the inputs: send the grads alone
             try:
-                grads = await self._call(span, rpc, [grad_out], results, cache_id, inputs_cached=True)
+                grads = await self._call(span, rpc, [grad_out], results, cache_id, inputs_cached=True, lora=lora)
             except CacheMissed:
                 cache_id = ""  # it kept nothing under that id: recompute
         if grads is None:
             arrays = [x, grad_out, prompts if with_prompts else None]
-            grads = await self._call(span, rpc, arrays, results, cache_id)
-        if len(grads) != 1 + with_prompts:
-            raise FaultyResponse(span.peer, f"backward returned {len(grads)} tensors, expected {1 + with_prompts}")
+            grads = await self._call(span, rpc, arrays, results, cache_id, lora=lora)
+        if len(grads) < 1 + with_prompts:
+            raise FaultyResponse(span.peer, f"backward returned {len(grads)} tensors, expected {len(results)}")
         grad_x = self._as_requested(span, grads[0], x.dtype)
-        return grad_x, (self._as_requested(span, grads[1], prompts.dtype) if with_prompts else None)
+        grad_prompts = [self._as_requested(span, grads[1], prompts.dtype)] if with_prompts else []
+        return (grad_x, *grad_prompts, *grads[1 + with_prompts :])
 
     # --- inference -------------------------------------------------------------------------------
-    async def _open_server_session(self, span: Span, max_length: int, batch_size: int) -> RemoteServerSession:
-        session = RemoteServerSession(self, span, max_length)
+    async def _open_server_session(
+        self, span: Span, max_length: int, batch_size: int, lora: LoraWeights | None
+    ) -> RemoteServerSession:
+        if lora is not None:
+            await self._guarded(self._give_lora(span, lora), span, self.config.request_timeout)
+        session = RemoteServerSession(self, span, max_length, lora)
         with self._failures(span):
             await asyncio.wait_for(session.open(), self.config.connect_timeout)
         return session
+
+    def _forget_lora(self, peer: str, lora: LoraWeights) -> None:
+        """Forget that ``peer`` holds ``lora``'s weights (it said it does not): the next call gives them again."""
+        for digest in lora.digests:
+            self._lora_given.pop((peer, digest), None)
 
 
 def _discard_when_written(preparing: asyncio.Future) -> None:
@@ -442,10 +533,11 @@ class RemoteServerSession:
     """An inference session on one server: a Petals 2.2 ``rpc_inference`` stream. The first step's metadata
     opens it (``max_length``, ``alloc_timeout``, ``session_id``); each step sends hidden states, prompts
     (or the dummy) and hypo_ids (or the int64 dummy), and reads the span's outputs. Closing sends Petals'
-    "done" (an empty request), so the server frees the caches at once."""
+    "done" (an empty request), so the server frees the caches at once. With ``lora``, the first step names the
+    client's LoRA weights (given to the server already), which all steps apply."""
 
-    def __init__(self, manager: RemoteSequenceManager, span: Span, max_length: int):
-        self.manager, self.span, self.max_length = manager, span, max_length
+    def __init__(self, manager: RemoteSequenceManager, span: Span, max_length: int, lora: LoraWeights | None):
+        self.manager, self.span, self.max_length, self.lora = manager, span, max_length, lora
         self.session_id = uuid.uuid4().hex
         self._inputs: asyncio.Queue = asyncio.Queue()
         self._outputs: Any = None
@@ -475,6 +567,8 @@ class RemoteServerSession:
         metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id, "active_adapter": adapter}
         if not self._stepped:
             metadata.update(max_length=self.max_length, alloc_timeout=self.manager.config.alloc_timeout, points=0.0)
+            if self.lora is not None:
+                metadata[protocol.LORA_KEY] = list(self.lora.digests[self.span.start : self.span.end])
         if start_from_position is not None:
             metadata["start_from_position"] = start_from_position
         if next_servers:
@@ -487,15 +581,20 @@ class RemoteServerSession:
             runtime_pb2.ExpertRequest(uid=uids, tensors=tensors, metadata=protocol.encode_metadata(metadata))
         )
         self._stepped = True
-        with self.manager._failures(self.span):
-            try:
-                response = await asyncio.wait_for(self._outputs.__anext__(), timeout)
-            except asyncio.TimeoutError:
-                raise ServerFailure(self.span.peer, f"no answer within {timeout:.1f} s", reachable=False) from None
-            except StopAsyncIteration:
-                raise ServerFailure(self.span.peer, "the server ended the session", reachable=True) from None
-            t2 = time.perf_counter()
-            outputs = [protocol.deserialize(t) for t in response.tensors]
+        try:
+            with self.manager._failures(self.span):
+                try:
+                    response = await asyncio.wait_for(self._outputs.__anext__(), timeout)
+                except asyncio.TimeoutError:
+                    raise ServerFailure(self.span.peer, f"no answer within {timeout:.1f} s", reachable=False) from None
+                except StopAsyncIteration:
+                    raise ServerFailure(self.span.peer, "the server ended the session", reachable=True) from None
+                t2 = time.perf_counter()
+                outputs = [protocol.deserialize(t) for t in response.tensors]
+        except LoraMissed:
+            if self.lora is not None:  # evicted before the session opened: the next one gives them again
+                self.manager._forget_lora(self.span.peer, self.lora)
+            raise
         self.manager._record_timing(
             self.span,
             protocol.RPC_INFERENCE,

@@ -6,7 +6,7 @@ import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 
-from jaxseq.client.errors import MissingAdapterError, MissingBlocksError
+from jaxseq.client.errors import LoraUnsupportedError, MissingAdapterError, MissingBlocksError
 from jaxseq.remote.records import ServerRecord, ServerState
 
 
@@ -40,6 +40,7 @@ def route(
     rng: random.Random | None = None,
     cache_tokens: int = 0,
     adapter: str | None = None,
+    lora_rank: int = 0,
 ) -> list[Span]:
     """The chain of spans covering blocks ``start..end-1`` that is expected to run fastest, by the Petals paper's
     rule: each span costs a round trip to its server (``rtt``, seconds, as measured; unmeasured servers count as
@@ -53,11 +54,13 @@ def route(
     unreachable on its own: when every holder of a block is banned, the one banned longest ago is used. With
     ``cache_tokens`` (an inference session's batch times its length), servers that announce too little
     attention cache for it are avoided likewise (Petals' unit: one token's keys, or values, in one block). With
-    ``adapter``, only servers announcing that LoRA adapter are routed to.
+    ``adapter``, only servers announcing that LoRA adapter are routed to; with ``lora_rank``, only servers that
+    apply a client's LoRA weights of that rank.
 
     Raises:
         MissingBlocksError: no online server holds some block in the range.
         MissingAdapterError: servers hold some block, but none of them announces ``adapter``.
+        LoraUnsupportedError: servers hold some block, but none of them applies LoRA weights of ``lora_rank``.
 
     Example:
         >>> route([ServerRecord("a", 0, 4), ServerRecord("b", 2, 8)], 0, 8)
@@ -74,8 +77,12 @@ def route(
             raise MissingBlocksError(block, f"no server in the swarm announces it (route {start}:{end})")
         if adapter and not any(adapter in r.info.adapters for r in holders):
             raise MissingAdapterError(block, adapter, {a for r in holders for a in r.info.adapters})
+        if lora_rank and not any(r.info.client_lora_rank >= lora_rank for r in holders):
+            raise LoraUnsupportedError(block, lora_rank, max(r.info.client_lora_rank for r in holders))
     if adapter:
         online = [r for r in online if adapter in r.info.adapters]
+    if lora_rank:
+        online = [r for r in online if r.info.client_lora_rank >= lora_rank]
     measured = sorted(rtt[r.peer] for r in online if r.peer in rtt)
     unmeasured = measured[len(measured) // 2] if measured else DEFAULT_RTT
 

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ def _config(files: CheckpointFiles) -> tuple[int, float]:
         raise ValueError(f"{where}: r must be a positive int, got {rank!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise ValueError(f"{where}: lora_alpha must be a number, got {alpha!r}")
-    return rank, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    return rank, scaling(rank, alpha, bool(config.get("use_rslora")))
 
 
 def load_adapter(
@@ -203,21 +203,77 @@ def random_adapter(
         >>> sorted(p.name for p in path.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
+    check_targets(cfg, targets)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for target in targets:
+        fan_in, fan_out = lora_targets(cfg)[target].shape
+        a = rng.normal(0, std, (cfg.num_hidden_layers, rank, fan_in)).astype(np.float32)
+        b = rng.normal(0, std, (cfg.num_hidden_layers, fan_out, rank)).astype(np.float32)
+        weights[target] = (a.transpose(0, 2, 1), b.transpose(0, 2, 1))
+    return save_adapter(path, cfg, weights, alpha=alpha, use_rslora=use_rslora)
+
+
+def random_lora_weights(
+    cfg: ModelConfig, rank: int, targets: Sequence[str] | None = None, *, seed: int = 0, std: float = 0.2
+) -> dict[str, jax.Array]:
+    """LoRA arrays of every block of ``cfg`` in the layout blocks take (``{target}_lora_a: [blocks, in, rank]``,
+    ``{target}_lora_b: [blocks, rank, out]``), normal(0, ``std``), both non-zero: for tests and benchmarks of a
+    client's LoRA (``remote_sequential(..., lora=...)``). ``targets`` default to all of ``lora_targets(cfg)``.
+
+    Example:
+        >>> weights = random_lora_weights(cfg, rank=2, targets=("q_proj",))
+        >>> {name: w.shape for name, w in weights.items()}
+        {'q_proj_lora_a': (4, 32, 2), 'q_proj_lora_b': (4, 2, 32)}
+    """
+    specs = lora_targets(cfg)
+    targets = tuple(specs) if targets is None else tuple(targets)
+    check_targets(cfg, targets)
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(targets)))
+    weights = {}
+    for target in targets:
+        fan_in, fan_out = specs[target].shape
+        weights[LORA_A.format(target)] = std * jax.random.normal(next(keys), (cfg.num_hidden_layers, fan_in, rank))
+        weights[LORA_B.format(target)] = std * jax.random.normal(next(keys), (cfg.num_hidden_layers, rank, fan_out))
+    return weights
+
+
+def check_targets(cfg: ModelConfig, targets: Sequence[str]) -> None:
+    """Refuse targets that are not projections of ``cfg``'s blocks that take LoRA, naming those that are."""
     specs = lora_targets(cfg)
     unknown = [t for t in targets if t not in specs]
-    if unknown:
-        raise ValueError(f"targets {unknown} are not projections of a {cfg.family} block; use some of {list(specs)}")
-    rng = np.random.default_rng(seed)
+    if unknown or not targets:
+        raise ValueError(
+            f"targets {unknown or '()'} are not projections of a {cfg.family} block; use some of {list(specs)}"
+        )
+
+
+def save_adapter(
+    path: PathLike,
+    cfg: ModelConfig,
+    weights: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    alpha: float,
+    use_rslora: bool = False,
+) -> Path:
+    """Write a PEFT LoRA adapter folder of every block of ``cfg``: ``weights`` maps each target to its ``A:
+    [blocks, in, rank]`` and ``B: [blocks, rank, out]`` (without the scaling, which ``alpha`` and
+    ``use_rslora`` give), as ``peft`` saves them (``lora_A.weight: [rank, in]``, ``lora_B.weight: [out, rank]``).
+    """
+    check_targets(cfg, list(weights))
+    specs = lora_targets(cfg)
+    ranks = {a.shape[-1] for a, _ in weights.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"a PEFT adapter has one rank; these weights have ranks {sorted(ranks)}")
     tensors = {}
-    for block in range(cfg.num_hidden_layers):
-        for target in targets:
-            fan_in, fan_out = specs[target].shape
+    for target, (a, b) in weights.items():
+        for block in range(cfg.num_hidden_layers):
             key = _PEFT_PREFIX + LAYER_PREFIX.format(block) + specs[target].names[0].removesuffix(".weight")
-            tensors[f"{key}.lora_A.weight"] = rng.normal(0, std, (rank, fan_in)).astype(np.float32)
-            tensors[f"{key}.lora_B.weight"] = rng.normal(0, std, (fan_out, rank)).astype(np.float32)
+            tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a[block], np.float32).T)
+            tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b[block], np.float32).T)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-        "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ranks.pop(), "lora_alpha": alpha,
+        "target_modules": list(weights), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": None,
     }  # fmt: skip
     if use_rslora:  # only when set: peft before 0.7 (Petals 2.2's) lacks the key and refuses unknown ones
@@ -227,6 +283,16 @@ def random_adapter(
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     safetensors.numpy.save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     return folder
+
+
+def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rank-stabilised LoRA.
+
+    Example:
+        >>> scaling(8, 16), scaling(16, 16, use_rslora=True)
+        (2.0, 4.0)
+    """
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 def with_adapter(blocks: Sequence[BlockParams], adapted: Sequence[BlockParams]) -> list[BlockParams]:

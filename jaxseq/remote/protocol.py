@@ -36,6 +36,7 @@ RPC_BACKWARD = f"{HANDLER}.rpc_backward"
 RPC_BACKWARD_STREAM = f"{HANDLER}.rpc_backward_stream"
 RPC_INFERENCE = f"{HANDLER}.rpc_inference"
 RPC_PUSH = f"{HANDLER}.rpc_push"
+RPC_LORA = f"{HANDLER}.rpc_lora"
 
 CHAIN_DELIMITER = " "
 # Request metadata key naming a forward whose activations a jaxseq server may keep for the backward
@@ -45,6 +46,14 @@ CACHE_ID_KEY = "jaxseq_cache_id"
 # are the cached forward's. Only to servers that announce ``ServerInfo.cached_backward``; a server that
 # kept no such forward answers with a ``ErrorKind.CACHE_MISS`` error, and the client sends the inputs.
 INPUTS_CACHED_KEY = "jaxseq_inputs_cached"
+# A jaxseq extension: a client's own LoRA weights. ``rpc_lora`` (a stream: block uids, then each block's
+# arrays, names from ``LORA_NAMES_KEY``, uncompressed) gives them to a server, which keeps them by their
+# ``jaxseq.arrays.digest`` and replies with the digests; a forward, backward or inference session then names each
+# of its blocks' digest under ``LORA_KEY``, and a backward returns the LoRA arrays' gradients after the
+# others. A server that no longer holds a digest answers with an ``ErrorKind.LORA_MISS`` error: send again.
+# Only to servers that announce ``ServerInfo.client_lora_rank``.
+LORA_KEY = "jaxseq_lora"
+LORA_NAMES_KEY = "jaxseq_lora_names"
 STREAM_THRESHOLD = MAX_UNARY_PAYLOAD_SIZE // 2
 
 # jaxseq's compression names -> hivemind's codes
@@ -57,6 +66,7 @@ class ErrorKind(enum.Enum):
 
     CACHE_MISS = "jaxseq cache miss"  # a backward named a forward the server did not keep: send the inputs
     SHARED_MEMORY = "jaxseq shared memory refused"  # the server can't use the client's memory files: use the wire
+    LORA_MISS = "jaxseq lora miss"  # the request named LoRA weights the server does not hold: send them again
 
 
 class ProtocolError(ValueError):
@@ -261,6 +271,11 @@ def make_requests(
         runtime_pb2.ExpertRequest, arrays, compression, streamed, uid=uids, metadata=encode_metadata(metadata)
     )
     return requests, streamed
+
+
+def streamed_requests(uids: str, arrays: Sequence[np.ndarray], metadata: Mapping[str, Any]) -> list:
+    """The messages of a call that is always streamed (``rpc_lora``), uncompressed."""
+    return _messages(runtime_pb2.ExpertRequest, arrays, "none", True, uid=uids, metadata=encode_metadata(metadata))
 
 
 def response_parts(arrays: Sequence[np.ndarray], compression: str, stream: bool) -> list[runtime_pb2.ExpertResponse]:

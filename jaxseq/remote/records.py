@@ -37,6 +37,9 @@ EXTENSION_KEYS = {
     "cached_backward": "jaxseq_cached_backward",
     # The model family the server computes (``jaxseq.models.registry``): clients refuse a swarm of another.
     "family": "jaxseq_family",
+    # The largest rank of a client's own LoRA weights the server applies and returns gradients for
+    # (``jaxseq.remote.protocol.LORA_KEY``); absent: none.
+    "client_lora_rank": "jaxseq_client_lora_rank",
 }
 
 
@@ -68,6 +71,7 @@ class ServerInfo:
     machine: str | None = None
     cached_backward: bool = False
     family: str | None = None
+    client_lora_rank: int = 0
 
     def to_tuple(self) -> tuple[int, float, dict[str, Any]]:
         """The DHT value: ``(state, throughput, extra)``, Petals' keys always, extension keys when set."""
@@ -129,6 +133,7 @@ _FIELD_TYPES = {
     "machine": str,
     "cached_backward": bool,
     "family": str,
+    "client_lora_rank": int,
 }
 
 

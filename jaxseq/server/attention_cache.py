@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from jaxseq.server.lora_store import HeldLora
+
 PAGE_TOKENS = 8  # positions per page: small, so that short sessions waste little
 
 
@@ -117,9 +119,15 @@ class SessionCache:
     pool: AttentionCache
     pool_blocks: range  # the session's blocks, as indices into the pool's
     adapter: str = ""  # the LoRA adapter of all its steps ("": none)
+    lora: HeldLora | None = None  # or a client's LoRA weights
     position: int = 0
     in_flight: int = 0
     ended: bool = False
+
+    @property
+    def group(self) -> tuple:
+        """What sessions whose steps are computed together share: blocks, adapter and LoRA weights."""
+        return self.start, self.end, self.adapter, self.lora.digests if self.lora else ()
 
     @property
     def capacity(self) -> int:

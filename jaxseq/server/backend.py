@@ -12,6 +12,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from jaxseq.models.registry import family_of
 from jaxseq.server.activation_cache import ActivationCache, CacheMiss
 from jaxseq.server.attention_cache import PAGE_TOKENS, AttentionCache, SessionCache, pages_for
 from jaxseq.server.config import ServerConfig
+from jaxseq.server.lora_store import HeldLora
 
 
 def power_of_two(n: int) -> int:
@@ -107,12 +109,13 @@ class BlockBackend:
         block = family.block
 
         # ``windows`` (the blocks' attention windows) is static; ``seq_len``, the positions before padding, is
-        # traced: it moves dynamic rope scaling only, and must not make a compile per length.
-        def forward(windows, blocks, x, prompts, seq_len):
-            return run_span(block, cfg, blocks, x, prompts, windows, seq_len)
+        # traced: it moves dynamic rope scaling only, and must not make a compile per length. ``lora``: each
+        # block's client LoRA arrays (empty dicts for none), an argument apart so that backward differentiates it.
+        def forward(windows, blocks, lora, x, prompts, seq_len):
+            return run_span(block, cfg, with_adapter(blocks, lora), x, prompts, windows, seq_len)
 
-        def backward(windows, blocks, x, prompts, seq_len, grad_out):
-            _, vjp = jax.vjp(lambda x_, p_: forward(windows, blocks, x_, p_, seq_len), x, prompts)
+        def backward(windows, blocks, lora, x, prompts, seq_len, grad_out):
+            _, vjp = jax.vjp(lambda x_, p_, l_: forward(windows, blocks, l_, x_, p_, seq_len), x, prompts, lora)
             return vjp(grad_out)
 
         self._forward = jax.jit(forward, static_argnums=0)
@@ -192,14 +195,22 @@ class BlockBackend:
         return tuple(self.cfg.window(block) for block in range(start, end))
 
     def _padded(
-        self, stage: str, start: int, end: int, adapter: str, x: np.ndarray, prompts: np.ndarray, *extra: np.ndarray
+        self,
+        stage: str,
+        start: int,
+        end: int,
+        adapter: str,
+        lora: HeldLora | None,
+        x: np.ndarray,
+        prompts: np.ndarray,
+        *extra: np.ndarray,
     ):
         batch, seq, _ = x.shape
         sizes = {0: bucket(batch), 1: bucket(seq)}
         x_p = self._padded_copy(x, sizes)
         prompts_p = self._padded_copy(prompts, {1: sizes[0]})
         extra_p = [self._padded_copy(e, sizes) for e in extra]
-        self._count_compile(stage, start, end, adapter, x_p.shape, prompts_p.shape)
+        self._count_compile(stage, start, end, adapter, lora, x_p.shape, prompts_p.shape)
         return x_p, prompts_p, extra_p
 
     def _padded_copy(self, a: np.ndarray, axis_sizes: dict[int, int]) -> jax.Array:
@@ -227,12 +238,30 @@ class BlockBackend:
             self.transfer_s += time.perf_counter() - started
 
     def _count_compile(
-        self, stage: str, start: int, end: int, adapter: str, x_shape: tuple, prompts_shape: tuple
+        self,
+        stage: str,
+        start: int,
+        end: int,
+        adapter: str,
+        lora: HeldLora | None,
+        x_shape: tuple,
+        prompts_shape: tuple,
     ) -> None:
         # adapters of the same shapes share their compiled functions: their arrays are arguments
         shapes = self._adapter(adapter).shapes(start, end) if adapter else ()
+        lora_shapes = lora.shapes() if lora else ()
         with self._lock:
-            self._compiled.add((stage, self._windows(start, end), shapes, x_shape, prompts_shape))
+            self._compiled.add((stage, self._windows(start, end), shapes, lora_shapes, x_shape, prompts_shape))
+
+    def _lora(self, start: int, end: int, adapter: str, lora: HeldLora | None) -> list[BlockParams]:
+        """Each block's client LoRA arrays for a call (empty for none), after refusing one that can't apply."""
+        if lora is None:
+            return [{} for _ in range(start, end)]
+        if adapter:
+            raise ValueError(f"a client's LoRA weights and the server's adapter {adapter[:100]!r} can't be combined")
+        if len(lora.blocks) != end - start:
+            raise ValueError(f"LoRA weights of {len(lora.blocks)} blocks were named for blocks {start}:{end}")
+        return list(lora.blocks)
 
     def forward(
         self,
@@ -242,21 +271,27 @@ class BlockBackend:
         end: int,
         cache_key: Hashable | None = None,
         adapter: str = "",
+        lora: HeldLora | None = None,
     ) -> np.ndarray:
         """Hidden states after blocks ``start..end-1``; ``prompts`` is ``[end-start, batch, prompt_len, hidden]``;
-        ``adapter``: the name of a LoRA adapter of this backend's to apply, or "" for none.
+        ``adapter``: the name of a LoRA adapter of this backend's to apply, or "" for none; ``lora``: a client's
+        LoRA weights of these blocks to apply instead, or None.
 
         With ``cache_key``, the activations are kept (see ``ActivationCache``) so that a backward
-        with the same key, adapter and inputs needn't recompute the forward.
+        with the same key, adapter, LoRA weights and inputs needn't recompute the forward.
         """
         batch, seq, _ = x.shape
-        x_p, prompts_p, _ = self._padded("forward", start, end, adapter, x, prompts)
+        x_p, prompts_p, _ = self._padded("forward", start, end, adapter, lora, x, prompts)
         blocks, windows, seq_len = self._span(start, end, adapter), self._windows(start, end), np.int32(seq)
+        lora_blocks = self._lora(start, end, adapter, lora)
         if cache_key is None:
-            out = self._forward(windows, blocks, x_p, prompts_p, seq_len)
+            out = self._forward(windows, blocks, lora_blocks, x_p, prompts_p, seq_len)
         else:
-            out, vjp = jax.vjp(lambda x_, p_: self._forward(windows, blocks, x_, p_, seq_len), x_p, prompts_p)
-            self.cache.put((cache_key, start, end, adapter), x_p, prompts_p, vjp, x.shape, (x.dtype, prompts.dtype))
+            out, vjp = jax.vjp(
+                lambda x_, p_, l_: self._forward(windows, blocks, l_, x_, p_, seq_len), x_p, prompts_p, lora_blocks
+            )
+            key = (cache_key, start, end, adapter, lora.digests if lora else ())
+            self.cache.put(key, x_p, prompts_p, vjp, x.shape, (x.dtype, prompts.dtype))
         return self._on_host(out, (slice(batch), slice(seq)), x.dtype)
 
     def backward(
@@ -268,26 +303,39 @@ class BlockBackend:
         end: int,
         cache_key: Hashable | None = None,
         adapter: str = "",
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Gradients w.r.t. the span's inputs and (if ``prompt_len > 0``) its prompts, with ``adapter`` applied."""
-        x_p, prompts_p, (grad_p,) = self._padded("backward", start, end, adapter, x, prompts, grad_out)
-        saved = None if cache_key is None else self.cache.take((cache_key, start, end, adapter), x_p, prompts_p)
+        lora: HeldLora | None = None,
+    ) -> Gradients:
+        """Gradients w.r.t. the span's inputs, (if ``prompt_len > 0``) its prompts, and (with ``lora``) the LoRA
+        arrays, with ``adapter`` or ``lora`` applied."""
+        x_p, prompts_p, (grad_p,) = self._padded("backward", start, end, adapter, lora, x, prompts, grad_out)
+        key = (cache_key, start, end, adapter, lora.digests if lora else ())
+        saved = None if cache_key is None else self.cache.take(key, x_p, prompts_p)
         if saved is not None:
             grads = saved.vjp(grad_p)
         else:
-            seq_len, blocks = np.int32(x.shape[1]), self._span(start, end, adapter)
-            grads = self._backward(self._windows(start, end), blocks, x_p, prompts_p, seq_len, grad_p)
-        return self._unpadded(grads, x.shape, (x.dtype, prompts.dtype), prompts.shape[2])
+            seq_len, blocks, lora_blocks = (
+                np.int32(x.shape[1]),
+                self._span(start, end, adapter),
+                self._lora(start, end, adapter, lora),
+            )
+            grads = self._backward(self._windows(start, end), blocks, lora_blocks, x_p, prompts_p, seq_len, grad_p)
+        return self._unpadded(grads, x.shape, (x.dtype, prompts.dtype), prompts.shape[2], lora is not None)
 
     def backward_of_cached(
-        self, grad_out: np.ndarray, start: int, end: int, cache_key: Hashable, adapter: str = ""
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``backward`` of the forward kept under ``cache_key`` (with the same ``adapter``), whose inputs
-        needn't be sent again.
+        self,
+        grad_out: np.ndarray,
+        start: int,
+        end: int,
+        cache_key: Hashable,
+        adapter: str = "",
+        lora: HeldLora | None = None,
+    ) -> Gradients:
+        """``backward`` of the forward kept under ``cache_key`` (with the same ``adapter`` and ``lora``), whose
+        inputs needn't be sent again.
 
         Raises ``CacheMiss`` when none is kept (evicted, expired, or computed elsewhere).
         """
-        saved = self.cache.take((cache_key, start, end, adapter))
+        saved = self.cache.take((cache_key, start, end, adapter, lora.digests if lora else ()))
         if saved is None:
             raise CacheMiss(f"no forward of blocks {start}:{end} is kept under this cache id; send the inputs")
         if grad_out.shape != saved.shape:
@@ -296,32 +344,41 @@ class BlockBackend:
             )
         padded_shape = saved.x.shape
         grad_p = self._padded_copy(grad_out, {0: padded_shape[0], 1: padded_shape[1]})
-        self._count_compile("backward", start, end, adapter, padded_shape, saved.prompts.shape)
-        return self._unpadded(saved.vjp(grad_p), saved.shape, saved.dtypes, saved.prompts.shape[2])
+        self._count_compile("backward", start, end, adapter, lora, padded_shape, saved.prompts.shape)
+        return self._unpadded(saved.vjp(grad_p), saved.shape, saved.dtypes, saved.prompts.shape[2], lora is not None)
 
-    def _unpadded(
-        self, grads: tuple, shape: tuple, dtypes: tuple, prompt_len: int
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Gradients sliced back to the inputs' ``shape`` and cast to their ``dtypes`` (None for empty prompts)."""
+    def _unpadded(self, grads: tuple, shape: tuple, dtypes: tuple, prompt_len: int, with_lora: bool) -> Gradients:
+        """Gradients sliced back to the inputs' ``shape`` and cast to their ``dtypes`` (None for empty prompts);
+        the LoRA arrays' as float32 (None without them)."""
         batch, seq = shape[:2]
         grad_x = self._on_host(grads[0], (slice(batch), slice(seq)), dtypes[0])
-        if prompt_len == 0:
-            return grad_x, None
-        return grad_x, self._on_host(grads[1], (slice(None), slice(batch)), dtypes[1])
+        grad_prompts = None if prompt_len == 0 else self._on_host(grads[1], (slice(None), slice(batch)), dtypes[1])
+        grad_lora = None
+        if with_lora:
+            grad_lora = [{k: self._on_host(v, (), np.dtype(np.float32)) for k, v in b.items()} for b in grads[2]]
+        return Gradients(grad_x, grad_prompts, grad_lora)
 
     # --- inference ------------------------------------------------------------------------------
     async def open_session(
-        self, batch: int, max_length: int, start: int, end: int, timeout: float, adapter: str = ""
+        self,
+        batch: int,
+        max_length: int,
+        start: int,
+        end: int,
+        timeout: float,
+        adapter: str = "",
+        lora: HeldLora | None = None,
     ) -> SessionCache:
         """A session of ``batch`` rows and ``max_length`` positions through blocks ``start..end-1`` (all its steps
-        with ``adapter``, as Petals' sessions): its pages in the attention cache, waited for up to ``timeout``
-        seconds (else ``CacheFull``). ``close()`` it."""
+        with ``adapter`` or a client's ``lora``, as Petals' sessions): its pages in the attention cache, waited
+        for up to ``timeout`` seconds (else ``CacheFull``). ``close()`` it."""
         self._span(start, end, adapter)
+        self._lora(start, end, adapter, lora)
         blocks = range(start - self.start, end - self.start)
         per_row = pages_for(max_length)
         pages = await self.attention_cache.allocate(blocks, batch * per_row, timeout)
         return SessionCache(start, end, batch, max_length, pages.reshape(len(blocks), batch, per_row),
-                            self.attention_cache, blocks, adapter=adapter)  # fmt: skip
+                            self.attention_cache, blocks, adapter=adapter, lora=lora)  # fmt: skip
 
     def no_prompts(self, session: SessionCache) -> np.ndarray:
         """Empty deep prompts for a step of ``session``."""
@@ -335,7 +392,7 @@ class BlockBackend:
         batch, prompt_len, hidden]``) are added before each block to the step's first positions;
         ``hypo_ids`` first reorder the session's rows (beam search)."""
         first = steps[0].session
-        start, end, adapter = first.start, first.end, first.adapter
+        start, end, adapter, lora = first.start, first.end, first.adapter, first.lora
         n_max = max(step.x.shape[1] for step in steps)
         n = bucket(n_max) if all(s.session.position + bucket(n_max) <= s.session.capacity for s in steps) else n_max
         # Rows and pages per row vary with who is batched together: powers of two keep their compiles few.
@@ -350,8 +407,8 @@ class BlockBackend:
         row = 0
         for step in steps:
             session, batch, new = step.session, step.session.batch, step.x.shape[1]
-            if (session.start, session.end, session.adapter) != (start, end, adapter) or session.pages.shape[2] == 0:
-                raise ValueError("steps computed together must be of open sessions through the same blocks and adapter")
+            if session.group != first.group or session.pages.shape[2] == 0:
+                raise ValueError("steps computed together must be of open sessions through the same blocks and LoRA")
             place = slice(row, row + batch)
             x[place, :new] = step.x
             prompts[:, place, : step.prompts.shape[2]] = step.prompts
@@ -363,8 +420,9 @@ class BlockBackend:
         reorder = any(step.hypo_ids is not None for step in steps)
         inputs = jax.device_put((x, prompts, tables, positions, seq_lens, order), self.device)  # one transfer
         self._count_transfer(started)
-        windows, blocks = self._windows(start, end), self._span(start, end, adapter)
-        self._count_compile("step", start, end, adapter, (reorder, *x.shape), (*prompts.shape, width))
+        windows = self._windows(start, end)
+        blocks = with_adapter(self._span(start, end, adapter), self._lora(start, end, adapter, lora))
+        self._count_compile("step", start, end, adapter, lora, (reorder, *x.shape), (*prompts.shape, width))
         with self._pages_lock:
             if not self._pages:
                 self._pages = self._empty_pages()
@@ -393,6 +451,21 @@ class BlockBackend:
             )
             for _ in self.blocks
         ]
+
+
+class Gradients(NamedTuple):
+    """A span's backward: gradients w.r.t. its inputs, its prompts (None without any) and a client's LoRA arrays
+    (each block's, by name; None without any)."""
+
+    inputs: np.ndarray
+    prompts: np.ndarray | None
+    lora: list[dict[str, np.ndarray]] | None
+
+    def as_reply(self) -> list[np.ndarray]:
+        """The tensors of a backward's reply, in order: inputs', prompts' (if any), then each block's LoRA
+        arrays' by name."""
+        prompts = [] if self.prompts is None else [self.prompts]
+        return [self.inputs, *prompts, *[block[name] for block in self.lora or () for name in sorted(block)]]
 
 
 @dataclasses.dataclass(frozen=True)

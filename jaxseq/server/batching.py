@@ -2,7 +2,7 @@
 together, in one jitted call, rather than one session after another.
 
 A decode step (one new position, no deep prompts) opens a group, which the decode steps of other sessions
-through the same blocks (and LoRA adapter) join until it starts computing or holds ``max_rows`` rows. Before
+through the same blocks (and LoRA) join until it starts computing or holds ``max_rows`` rows. Before
 it goes to the compute queue, a group waits up to ``wait_s`` for the sessions that took a decode step through these
 blocks within the last second (its clients are generating: their next steps are due), and goes as soon
 as all of them have joined; one session alone never waits. While it waits in the queue, more steps join.
@@ -78,9 +78,9 @@ class StepBatcher:
     def __init__(self, backend: BlockBackend, queue: ComputeQueue, max_rows: int, wait_s: float):
         self.backend, self.queue, self.max_rows, self.wait_s = backend, queue, max_rows, wait_s
         self.calls = self.steps = 0
-        self._open: dict[tuple[int, int, str], _Group] = {}  # decode groups not started yet, by blocks and adapter
-        # by blocks and adapter: the sessions that took a decode step lately, and when (by id: sessions aren't hashable)
-        self._generating: dict[tuple[int, int, str], dict[int, tuple[SessionCache, float]]] = {}
+        self._open: dict[tuple, _Group] = {}  # decode groups not started yet, by blocks and LoRA
+        # by blocks and LoRA: the sessions that took a decode step lately, and when (by id: sessions aren't hashable)
+        self._generating: dict[tuple, dict[int, tuple[SessionCache, float]]] = {}
         self._running: set[asyncio.Task] = set()
 
     async def run(
@@ -91,7 +91,7 @@ class StepBatcher:
         step = SessionStep(session, x, prompts, hypo_ids)
         reply: asyncio.Future = asyncio.get_running_loop().create_future()
         decode = x.shape[1] == 1 and prompts.shape[2] == 0
-        key = (session.start, session.end, session.adapter)
+        key = session.group
         group = self._open.get(key) if decode else None
         if decode:
             self._generating.setdefault(key, {})[id(session)] = (session, arrived)
@@ -109,7 +109,7 @@ class StepBatcher:
         out, started, finished = await asyncio.shield(reply)
         return out, {"wait_s": started - arrived, "compute_s": finished - started}
 
-    def _expected(self, key: tuple[int, int, str], now: float) -> int:
+    def _expected(self, key: tuple, now: float) -> int:
         """How many sessions a new decode group through blocks ``key`` waits for: those still open that took a
         decode step within the last second, and have none computing now (which could not join)."""
         generating = self._generating[key]
@@ -118,7 +118,7 @@ class StepBatcher:
                 del generating[session_id]
         return sum(not session.in_flight for session, _ in generating.values())
 
-    async def _compute(self, group: _Group, key: tuple[int, int, str]) -> None:
+    async def _compute(self, group: _Group, key: tuple) -> None:
         if self.wait_s > 0 and len(group.steps) < group.expected:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(group.complete.wait(), self.wait_s)

@@ -159,6 +159,17 @@ class ServerConfig:
             nargs="+", type=parse_adapter, metavar="ADAPTER",
         ),
     )  # fmt: skip
+    max_lora_rank: int = dataclasses.field(
+        default=64,
+        metadata=_option(
+            "largest rank of the LoRA weights a jaxseq client may train through this server's blocks (the "
+            "client sends them; the server applies them and returns their gradients); 0: serve none", type=int,
+        ),
+    )  # fmt: skip
+    lora_mb: float = dataclasses.field(
+        default=256.0,
+        metadata=_option("MiB of clients' LoRA weights kept (least recently used go first)", type=float),
+    )
     throughput: float | None = dataclasses.field(
         default=None, metadata=_option("announced tokens/s per block (measured at start if omitted)", type=float)
     )
@@ -245,7 +256,7 @@ class ServerConfig:
         for name in positive + tuple(name for name in optional if getattr(self, name) is not None):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("cache_mb", "cache_ttl", "batch_wait_ms"):
+        for name in ("cache_mb", "cache_ttl", "batch_wait_ms", "max_lora_rank", "lora_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
 
@@ -256,6 +267,10 @@ class ServerConfig:
     @property
     def cache_bytes(self) -> int:
         return int(self.cache_mb * 2**20)
+
+    @property
+    def lora_bytes(self) -> int:
+        return int(self.lora_mb * 2**20)
 
     def max_inference_length(self, grouped: bool) -> int:
         """``inference_max_length``, or Petals' default."""

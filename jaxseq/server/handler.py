@@ -21,6 +21,7 @@ from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
+from jaxseq.models.lora import lora_targets
 from jaxseq.remote import protocol
 from jaxseq.remote.protocol import ErrorKind, ProtocolError, Request
 from jaxseq.remote.shm import METADATA_KEY as SHARED_MEMORY_KEY
@@ -31,6 +32,7 @@ from jaxseq.server.backend import BlockBackend
 from jaxseq.server.batching import StepBatcher
 from jaxseq.server.compute_queue import ComputeQueue
 from jaxseq.server.config import ServerConfig
+from jaxseq.server.lora_store import HeldLora, LoraMiss, LoraStore
 from jaxseq.server.sessions import SessionRegistry, StepReader
 from jaxseq.server.shm import ServerMappings, write
 
@@ -71,6 +73,10 @@ class TransformerConnectionHandler(ServicerBase):
         self.idle_timeout = config.inference_idle_timeout
         self.session_timeout = config.session_timeout
         self.sessions = SessionRegistry()
+        # clients' own LoRA weights (a jaxseq extension), and the projections they may adapt: {target: (in, out)}
+        self.lora = LoraStore(config.lora_bytes, backend.dtype, backend.device)
+        self.max_lora_rank = config.max_lora_rank
+        self.lora_shapes = {target: spec.shape for target, spec in lora_targets(backend.cfg).items()}
         self._p2p: Any = None  # for pushing outputs to the next server; set by add_p2p_handlers
         self._pushes: set[asyncio.Task] = set()
 
@@ -106,6 +112,7 @@ class TransformerConnectionHandler(ServicerBase):
             "jaxseq_compiled": self.backend.compile_count,
             "jaxseq_inference_calls": {"calls": self.batcher.calls, "steps": self.batcher.steps},
             "jaxseq_cache": {"hits": self.backend.cache.hits, "misses": self.backend.cache.misses},
+            "jaxseq_lora": {"blocks": len(self.lora), "bytes": self.lora.nbytes},
         }
         if request.uid:
             self._served(request.uid)
@@ -146,7 +153,8 @@ class TransformerConnectionHandler(ServicerBase):
         arrays, result_places = self._arrays(request)
         hidden, prompts = validation.forward_inputs(arrays, end - start, self.limits)
         key, adapter = self._cache_key(request, context), self._adapter(request.metadata)
-        out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key, adapter)
+        lora = self._held_lora(request.metadata, start, end)
+        out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key, adapter, lora)
         self.computed["forward"] += 1
         return await self._reply(request, [out], result_places, stream, timing, arrived)
 
@@ -174,25 +182,53 @@ class TransformerConnectionHandler(ServicerBase):
         start, end = self._served(request.uids)
         arrays, result_places = self._arrays(request)
         key, adapter = self._cache_key(request, context), self._adapter(request.metadata)
+        lora = self._held_lora(request.metadata, start, end)
         if request.metadata.get(protocol.INPUTS_CACHED_KEY) is True:
             if key is None:
                 raise ProtocolError(f"a backward without its inputs must name its forward's {protocol.CACHE_ID_KEY}")
             grad_outputs = validation.cached_backward_inputs(arrays, end - start, self.limits)
             try:
                 grads, timing = await self._compute(
-                    self.backend.backward_of_cached, grad_outputs, start, end, key, adapter
+                    self.backend.backward_of_cached, grad_outputs, start, end, key, adapter, lora
                 )
             except CacheMiss as miss:
                 raise ProtocolError(str(miss), ErrorKind.CACHE_MISS) from None
         else:
             inputs, grad_outputs, prompts = validation.backward_inputs(arrays, end - start, self.limits)
             grads, timing = await self._compute(
-                self.backend.backward, inputs, prompts, grad_outputs, start, end, key, adapter
+                self.backend.backward, inputs, prompts, grad_outputs, start, end, key, adapter, lora
             )
-        grad_inputs, grad_prompts = grads
         self.computed["backward"] += 1
-        results = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
-        return await self._reply(request, results, result_places, stream, timing, arrived)
+        return await self._reply(request, grads.as_reply(), result_places, stream, timing, arrived)
+
+    # --- clients' LoRA weights -----------------------------------------------------------------
+    async def rpc_lora(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A client's LoRA weights of the blocks its uids name (``protocol.LORA_KEY``): kept by digest; the reply's
+        metadata lists the digests."""
+        with self._refusals("rpc_lora", context):
+            self._check_client(context)
+            request = await self._read_stream(requests)
+            start, end = self._served(request.uids)
+            self._check_metadata(request.metadata)
+            names = request.metadata.get(protocol.LORA_NAMES_KEY)
+            blocks = validation.lora_upload(names, request.arrays, end - start, self.lora_shapes, self.max_lora_rank)
+            digests = await asyncio.to_thread(self.lora.put, blocks)
+        yield runtime_pb2.ExpertResponse(metadata=protocol.encode_metadata({protocol.LORA_KEY: digests}))
+
+    def _held_lora(self, metadata: dict, start: int, end: int) -> HeldLora | None:
+        """The client LoRA weights a request names, or None; ``ErrorKind.LORA_MISS`` when they are not held."""
+        if protocol.LORA_KEY not in metadata:
+            return None
+        if self.max_lora_rank == 0:
+            raise ProtocolError("this server applies no client LoRA weights (--max-lora-rank 0)")
+        if metadata.get("active_adapter"):
+            raise ProtocolError("a request names either active_adapter or client LoRA weights, not both")
+        try:
+            return self.lora.get(validation.lora_digests(metadata[protocol.LORA_KEY], end - start))
+        except LoraMiss as miss:
+            raise ProtocolError(str(miss), ErrorKind.LORA_MISS) from None
 
     # --- inference -----------------------------------------------------------------------------
     async def rpc_inference(
@@ -216,8 +252,9 @@ class TransformerConnectionHandler(ServicerBase):
             )
             ends = time.monotonic() + self.session_timeout
             session = await self.backend.open_session(
-                opening.batch, opening.max_length, start, end, opening.alloc_timeout, self._adapter(metadata)
-            )
+                opening.batch, opening.max_length, start, end, opening.alloc_timeout, self._adapter(metadata),
+                self._held_lora(metadata, start, end),
+            )  # fmt: skip
             try:
                 with self.sessions.open(opening.session_id) as pushes:
                     steps = StepReader(requests, pushes, self.idle_timeout, _step_id, ends)

@@ -85,6 +85,74 @@ def backward_inputs(
     return inputs, grad_outputs, prompts
 
 
+def lora_upload(
+    names: Any, arrays: list[np.ndarray], n_blocks: int, shapes: dict[str, tuple[int, ...]], max_rank: int
+) -> list[dict[str, np.ndarray]]:
+    """Each block's LoRA arrays of an ``rpc_lora`` request: ``names`` (``LORA_NAMES_KEY``) name each block's
+    arrays in order, pairs ``{target}_lora_a: [in, rank]`` and ``{target}_lora_b: [rank, out]`` of the
+    projections in ``shapes`` (``{target: (in, out)}``), of one rank up to ``max_rank``, finite floats.
+
+    Example:
+        >>> a, b = np.zeros((8, 4), np.float32), np.zeros((4, 8), np.float32)
+        >>> lora_upload(["q_proj_lora_a", "q_proj_lora_b"], [a, b], 1, {"q_proj": (8, 8)}, max_rank=2)
+        Traceback (most recent call last):
+        ...
+        jaxseq.remote.protocol.ProtocolError: LoRA rank 4 is above this server's limit of 2 (--max-lora-rank)
+    """
+    if max_rank == 0:
+        raise ProtocolError("this server applies no client LoRA weights (--max-lora-rank 0)")
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise ProtocolError("a LoRA request names its arrays in a non-empty list of strings (jaxseq_lora_names)")
+    if len(set(names)) != len(names) or len(arrays) != n_blocks * len(names):
+        raise ProtocolError(
+            f"a LoRA request for {n_blocks} blocks of {len(names)} distinct arrays each carries "
+            f"{n_blocks * len(names)} tensors, got {len(arrays)} (names may not repeat)"
+        )
+    targets = {
+        name.removesuffix(suffix) for name in names for suffix in ("_lora_a", "_lora_b") if name.endswith(suffix)
+    }
+    unknown = sorted(set(names) - {f"{t}_lora_{ab}" for t in targets & set(shapes) for ab in "ab"})
+    if unknown:
+        raise ProtocolError(f"LoRA arrays {unknown[:4]} are not pairs of {sorted(shapes)}'s _lora_a and _lora_b")
+    missing = sorted(f"{t}_lora_{ab}" for t in targets for ab in "ab" if f"{t}_lora_{ab}" not in names)
+    if missing:
+        raise ProtocolError(f"LoRA arrays {missing[:4]} are missing: each target takes both _lora_a and _lora_b")
+    blocks = []
+    for i in range(n_blocks):
+        block = dict(zip(names, arrays[i * len(names) : (i + 1) * len(names)]))
+        for target in targets:
+            a, b = block[f"{target}_lora_a"], block[f"{target}_lora_b"]
+            rank = a.shape[-1] if a.ndim == 2 else 0
+            fan_in, fan_out = shapes[target]
+            if a.shape != (fan_in, rank) or b.shape != (rank, fan_out) or rank == 0:
+                raise ProtocolError(
+                    f"{target}'s LoRA arrays have shapes {list(a.shape)} and {list(b.shape)}; this model's "
+                    f"{target} takes [{fan_in}, rank] and [rank, {fan_out}]"
+                )
+            if rank > max_rank:
+                raise ProtocolError(f"LoRA rank {rank} is above this server's limit of {max_rank} (--max-lora-rank)")
+        for name, array in block.items():
+            if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+                raise ProtocolError(f"LoRA array {name} has dtype {array.dtype}; send floats")
+            if not all_finite(array):
+                raise ProtocolError(f"LoRA array {name} has non-finite values (NaN or inf)")
+        blocks.append(block)
+    return blocks
+
+
+def lora_digests(value: Any, n_blocks: int) -> list[str]:
+    """The per-block digests a request names under ``jaxseq_lora``: one 32-hex-digit string per block."""
+    if not (
+        isinstance(value, (list, tuple))
+        and len(value) == n_blocks
+        and all(isinstance(d, str) and len(d) == 32 for d in value)
+    ):
+        raise ProtocolError(
+            f"jaxseq_lora must list one LoRA digest (32 hex digits) per block of the request's {n_blocks}"
+        )
+    return list(value)
+
+
 # --- metadata ------------------------------------------------------------------------------------
 _NUMBER = (int, float)
 # Keys of Petals' and jaxseq's request metadata -> the types their values may have. Unknown keys are
@@ -104,6 +172,8 @@ METADATA_TYPES: dict[str, tuple[type, ...]] = {
     "jaxseq_cache_id": (str,),
     "jaxseq_inputs_cached": (bool,),
     "jaxseq_shm": (dict,),
+    "jaxseq_lora": (list, tuple),
+    "jaxseq_lora_names": (list, tuple),
 }
 
 

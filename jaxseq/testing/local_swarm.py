@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxseq.client.config import ClientConfig
 from jaxseq.client.errors import ServerFailure
+from jaxseq.client.lora import LoraWeights
 from jaxseq.client.manager import SequenceManager
 from jaxseq.client.routing import Span
 from jaxseq.models.config import ModelConfig
@@ -32,6 +33,8 @@ from jaxseq.models.lora import Adapter
 from jaxseq.remote.records import ServerInfo, ServerRecord, ServerState
 from jaxseq.server.attention_cache import CacheFull, SessionCache
 from jaxseq.server.backend import BlockBackend
+from jaxseq.server.config import ServerConfig
+from jaxseq.server.lora_store import HeldLora, LoraStore
 
 STAGES = ("forward", "backward", "inference")
 
@@ -56,6 +59,7 @@ class EmulatedServer:
         self.backend = backend
         self.throughput = throughput
         self.calls = {stage: 0 for stage in STAGES}
+        self.lora = LoraStore(int(ServerConfig.lora_mb * 2**20), backend.dtype, backend.device)
         self.alive = True
         self._failures = {stage: 0 for stage in STAGES}
 
@@ -81,7 +85,7 @@ class EmulatedServer:
     def record(self) -> ServerRecord:
         info = ServerInfo(
             state=ServerState.ONLINE, throughput=self.throughput, family=self.backend.cfg.family,
-            adapters=self.backend.adapter_names,
+            adapters=self.backend.adapter_names, client_lora_rank=ServerConfig.max_lora_rank,
         )  # fmt: skip
         return ServerRecord(self.name, self.start, self.end, info)
 
@@ -93,6 +97,12 @@ class EmulatedServer:
             self._failures[stage] -= 1
             raise ServerFailure(self.name, f"injected {stage} failure", reachable=True)
         return await asyncio.to_thread(compute, *args)
+
+    def held_lora(self, span: Span, lora: LoraWeights | None) -> HeldLora | None:
+        """The span's blocks' share of a client's LoRA weights, as a server holds them once given."""
+        if lora is None:
+            return None
+        return self.lora.get(self.lora.put([lora.block(i) for i in range(span.start, span.end)]))
 
     def __repr__(self) -> str:
         return f"EmulatedServer({self.name!r}, blocks {self.start}:{self.end}, alive={self.alive})"
@@ -169,27 +179,33 @@ class LocalSequenceManager(SequenceManager):
         """In process there is no network: a live server is no distance away."""
         return 0.0 if any(s.name == peer and s.alive for s in self.swarm.servers) else None
 
-    async def _call_forward(self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str) -> np.ndarray:
+    async def _call_forward(
+        self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str, lora: LoraWeights | None
+    ) -> np.ndarray:
         server = self._servers[span.peer]
         return await server.handle(
-            "forward", server.backend.forward, x, prompts, span.start, span.end, cache_id or None, self._adapter
-        )
-
-    async def _call_backward(self, span, x, grad_out, prompts, cache_id):
-        server = self._servers[span.peer]
-        return await server.handle(
-            "backward", server.backend.backward, x, prompts, grad_out, span.start, span.end, cache_id or None,
-            self._adapter,
+            "forward", server.backend.forward, x, prompts, span.start, span.end, cache_id or None, self._adapter,
+            server.held_lora(span, lora),
         )  # fmt: skip
 
-    async def _open_server_session(self, span: Span, max_length: int, batch_size: int) -> LocalServerSession:
+    async def _call_backward(self, span, x, grad_out, prompts, cache_id, lora):
+        server = self._servers[span.peer]
+        grads = await server.handle(
+            "backward", server.backend.backward, x, prompts, grad_out, span.start, span.end, cache_id or None,
+            self._adapter, server.held_lora(span, lora),
+        )  # fmt: skip
+        return grads.as_reply()
+
+    async def _open_server_session(
+        self, span: Span, max_length: int, batch_size: int, lora: LoraWeights | None
+    ) -> LocalServerSession:
         server = self._servers[span.peer]
         if not server.alive:
             raise ServerFailure(server.name, "connection refused (server is down)", reachable=False)
         alloc_timeout = self.config.alloc_timeout
         try:
             cache = await server.backend.open_session(
-                batch_size, max_length, span.start, span.end, alloc_timeout, self._adapter
+                batch_size, max_length, span.start, span.end, alloc_timeout, self._adapter, server.held_lora(span, lora)
             )
         except CacheFull as error:
             raise ServerFailure(server.name, str(error), reachable=True) from None

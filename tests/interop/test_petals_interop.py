@@ -11,7 +11,7 @@ import transformers
 
 import jaxseq
 from jaxseq import RemoteSequenceManager
-from jaxseq.models.lora import load_adapter, random_adapter, with_adapter
+from jaxseq.models.lora import load_adapter, random_adapter, random_lora_weights, with_adapter
 from jaxseq.testing.launch import ServerProcess
 
 from helpers import assert_matches, random_inputs, rel_err, training_step
@@ -99,6 +99,12 @@ def test_mixed_swarm_and_sigkill_of_the_petals_server(petals_py, petals_checkpoi
             ]
             x, prompts = random_inputs(cfg, 3, 10, 2)
             assert_matches(step(x, prompts), local(x, prompts))
+            # a client's own LoRA weights: the Petals server, alone on blocks 0:4, takes none (its record says
+            # no jaxseq_client_lora_rank), so the call fails at once, saying why, and nothing reaches it
+            lora = random_lora_weights(cfg, rank=2, targets=("q_proj",))
+            with pytest.raises(jaxseq.LoraUnsupportedError, match="block 0 .* Petals servers take none"):
+                with jaxseq.swarm_errors(manager):
+                    jax.jit(lambda x: jaxseq.remote_sequential(x, None, manager, lora))(x)
             backup = jaxseq_servers(path, (0, 8), "interop2", [ours.maddr])
             petals.process.send_signal(9)  # SIGKILL the Petals server mid-training
             for i in range(3):

@@ -22,9 +22,15 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 
+from jaxseq.arrays import digest
 from jaxseq.remote import protocol
 
-WELL_FORMED = ("valid", "ignorable metadata", "inference valid", "push to no session")  # answered normally
+# the fuzzed server's limits on clients' LoRA weights: "lora oversized" is over the bytes, "lora valid" far under
+SERVER_ARGS = ["--max-tokens", "512", "--max-lora-rank", "64", "--lora-mb", "0.1"]
+LORA_RANK_LIMIT = int(SERVER_ARGS[SERVER_ARGS.index("--max-lora-rank") + 1])
+
+# answered normally
+WELL_FORMED = ("valid", "ignorable metadata", "inference valid", "push to no session", "lora valid", "lora forward")
 MAY_BE_REFUSED = ("inference flood",)  # well-formed sessions that may find the attention cache full
 
 
@@ -40,8 +46,11 @@ def _tensor(rng: random.Random, shape, dtype=np.float32, fill=None) -> runtime_p
 class Fuzzer:
     """Builds random requests for a server of ``num_blocks`` blocks of ``hidden`` under ``dht_prefix``."""
 
-    def __init__(self, dht_prefix: str, num_blocks: int, hidden: int, max_tokens: int):
+    def __init__(
+        self, dht_prefix: str, num_blocks: int, hidden: int, max_tokens: int, max_lora_rank: int = LORA_RANK_LIMIT
+    ):
         self.prefix, self.num_blocks, self.hidden, self.max_tokens = dht_prefix, num_blocks, hidden, max_tokens
+        self.max_lora_rank = max_lora_rank
 
     def uids(self, rng: random.Random) -> str:
         start = rng.randrange(self.num_blocks)
@@ -217,7 +226,83 @@ class Fuzzer:
                 protocol.RPC_PUSH,
                 req(self.uids(r), [self.hidden_states(r)], MSGPackSerializer.dumps(r.choice([{}, {"session_id": 5}]))),
             ),
+            # clients' LoRA weights (rpc_lora), and calls that name them
+            "lora valid": lambda r: (protocol.RPC_LORA, self._lora(r)),
+            "lora bad": lambda r: (protocol.RPC_LORA, self._bad_lora(r)),
+            "lora oversized": lambda r: (
+                protocol.RPC_LORA,
+                self._lora(r, rank=self.max_lora_rank, names=("q_proj", "o_proj"), blocks=4),
+            ),  # fmt: skip
+            "lora forward": lambda r: (fwd, self._lora_forward(r)),
+            "lora unknown": lambda r: (
+                r.choice([fwd, bwd]),
+                req(
+                    protocol.span_uids(self.prefix, 0, 1),
+                    [self.hidden_states(r, 1, 2)] * 2,
+                    MSGPackSerializer.dumps(
+                        r.choice(
+                            [
+                                {protocol.LORA_KEY: [f"{r.randrange(16**32):032x}"]},
+                                {protocol.LORA_KEY: ["short"]},
+                                {protocol.LORA_KEY: [f"{0:032x}"] * 3},
+                                {protocol.LORA_KEY: "0" * 32},
+                                {protocol.LORA_KEY: [f"{0:032x}"], "active_adapter": "some"},
+                            ]
+                        )
+                    ),
+                ),
+            ),  # fmt: skip
         }
+
+    # --- clients' LoRA weights -----------------------------------------------------------------
+    def _lora_arrays(self, rng: random.Random, rank: int, names=("q_proj",), blocks: int = 1, fill=None) -> list:
+        """Each block's ``{target}_lora_a``/``_b`` arrays of ``names`` (square projections of the hidden size)."""
+        H, seed = self.hidden, rng.randrange(2**32)
+        arrays = []
+        for _ in range(blocks):
+            for _ in names:
+                for shape in ((H, rank), (rank, H)):
+                    array = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+                    arrays.append(array if fill is None else np.full(shape, fill, np.float32))
+                    seed += 1
+        return arrays
+
+    @staticmethod
+    def _lora_names(names) -> list[str]:
+        return [f"{target}_lora_{ab}" for target in names for ab in "ab"]
+
+    def _lora(self, rng: random.Random, rank: int = 2, names=("q_proj",), blocks: int = 1) -> list:
+        arrays = self._lora_arrays(rng, rank, names, blocks)
+        metadata = {protocol.LORA_NAMES_KEY: self._lora_names(names)}
+        return protocol.streamed_requests(protocol.span_uids(self.prefix, 0, blocks), arrays, metadata)
+
+    def _bad_lora(self, rng: random.Random) -> list:
+        H, uids = self.hidden, protocol.span_uids(self.prefix, 0, 1)
+        names = self._lora_names(("q_proj",))
+        arrays = self._lora_arrays(rng, 2)
+        bad = rng.choice([
+            (arrays, {}),  # no names
+            (arrays, {protocol.LORA_NAMES_KEY: "q_proj_lora_a"}),
+            (arrays, {protocol.LORA_NAMES_KEY: ["up_projj_lora_a", "up_projj_lora_b"]}),  # no such target
+            (arrays, {protocol.LORA_NAMES_KEY: ["q_proj_lora_a", "q_proj_lora_a"]}),
+            (arrays[:1], {protocol.LORA_NAMES_KEY: names[:1]}),  # a without b
+            (arrays * 2, {protocol.LORA_NAMES_KEY: names}),  # tensors for 2 blocks, uids of 1
+            ([np.zeros((H + 1, 2), np.float32), np.zeros((2, H), np.float32)], {protocol.LORA_NAMES_KEY: names}),
+            ([np.zeros((H, 2), np.float32), np.zeros((3, H), np.float32)], {protocol.LORA_NAMES_KEY: names}),
+            ([np.zeros((H, 2, 1), np.float32), np.zeros((2, H), np.float32)], {protocol.LORA_NAMES_KEY: names}),
+            (self._lora_arrays(rng, self.max_lora_rank + 1), {protocol.LORA_NAMES_KEY: names}),  # rank over the limit
+            (self._lora_arrays(rng, 2, fill=np.nan), {protocol.LORA_NAMES_KEY: names}),
+            ([np.ones((H, 2), np.int32), np.ones((2, H), np.int32)], {protocol.LORA_NAMES_KEY: names}),
+        ])  # fmt: skip
+        return protocol.streamed_requests(uids, *bad)
+
+    def _lora_forward(self, rng: random.Random) -> runtime_pb2.ExpertRequest:
+        """A forward naming the LoRA weights given before the run (``fuzz``)."""
+        weights = digest(dict(zip(self._lora_names(("q_proj",)), self._lora_arrays(random.Random(7), 2))))
+        metadata = MSGPackSerializer.dumps({protocol.LORA_KEY: [weights]})
+        return runtime_pb2.ExpertRequest(
+            uid=protocol.span_uids(self.prefix, 0, 1), tensors=[self.hidden_states(rng)], metadata=metadata
+        )
 
     # --- inference sessions: (requests, seconds to hold the stream open after the replies) -----
     def _hidden(self, rng: random.Random, batch: int, seq: int) -> runtime_pb2.Tensor:
@@ -300,12 +385,12 @@ async def _send(p2p: P2P, peer: PeerID, rpc: str, payload, timeout: float) -> st
         try:
             if isinstance(payload, bytes):
                 writer.write(payload)
-            else:
+                writer.write_eof()  # nothing more comes: the server must not wait for the rest of a message
+            else:  # ended by hivemind's end-of-stream message: closing our side now would cancel the handler
                 for request in payload:
                     await P2P.send_protobuf(request, writer)
                 await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
             await writer.drain()
-            writer.write_eof()
             response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
             return "error" if error is not None else "ok"
         finally:
@@ -332,7 +417,8 @@ async def _send(p2p: P2P, peer: PeerID, rpc: str, payload, timeout: float) -> st
     try:
         if rpc == protocol.RPC_INFERENCE:
             return await asyncio.wait_for(session(), timeout)
-        return await asyncio.wait_for(stream() if rpc.endswith("_stream") else unary(), timeout)
+        streamed = rpc.endswith("_stream") or rpc == protocol.RPC_LORA
+        return await asyncio.wait_for(stream() if streamed else unary(), timeout)
     except asyncio.TimeoutError:
         return "timeout"
     except asyncio.IncompleteReadError:
@@ -357,6 +443,8 @@ async def fuzz(
     peer = PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1])
     p2p = await P2P.create(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     fuzzer = Fuzzer(dht_prefix, num_blocks, hidden, max_tokens)
+    # the weights "lora forward" names, given first (the server's --lora-mb keeps them beside every "lora valid")
+    await _send(p2p, peer, protocol.RPC_LORA, fuzzer._lora(random.Random(7)), timeout)
     builders = fuzzer.requests()
     rng = random.Random(seed)
     plan = [
@@ -395,9 +483,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = jaxseq.random_checkpoint(f"{tmp}/llama", cfg)
-        server = ServerProcess(
-            str(checkpoint), (0, 4), "fuzz", None, ["--throughput", "1", "--max-tokens", "512"]
-        ).wait_ready()
+        server = ServerProcess(str(checkpoint), (0, 4), "fuzz", None, ["--throughput", "1", *SERVER_ARGS]).wait_ready()
         try:
             run = lambda: asyncio.run(fuzz(server.maddr, "fuzz", 4, 32, 512, args.count, args.seed, args.time_budget))  # noqa: E731
             rss_start = psutil.Process(server.process.pid).memory_info().rss

@@ -32,8 +32,8 @@ def main() -> int:
     def backward(self, *args, **kwargs):
         if lie == "hang":
             time.sleep(3600)
-        grad_x, grad_prompts = honest_backward(self, *args, **kwargs)
-        return LIES[lie](grad_x), grad_prompts
+        grads = honest_backward(self, *args, **kwargs)
+        return grads._replace(inputs=LIES[lie](grads.inputs))
 
     BlockBackend.forward, BlockBackend.backward = forward, backward
     # The server measures its throughput with a forward at start; a lying one announces a high one instead.
