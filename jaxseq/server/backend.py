@@ -290,7 +290,7 @@ class BlockBackend:
             out, vjp = jax.vjp(
                 lambda x_, p_, l_: self._forward(windows, blocks, l_, x_, p_, seq_len), x_p, prompts_p, lora_blocks
             )
-            key = (cache_key, start, end, adapter, lora.digests if lora else ())
+            key = _cache_entry(cache_key, start, end, adapter, lora)
             self.cache.put(key, x_p, prompts_p, vjp, x.shape, (x.dtype, prompts.dtype))
         return self._on_host(out, (slice(batch), slice(seq)), x.dtype)
 
@@ -308,7 +308,7 @@ class BlockBackend:
         """Gradients w.r.t. the span's inputs, (if ``prompt_len > 0``) its prompts, and (with ``lora``) the LoRA
         arrays, with ``adapter`` or ``lora`` applied."""
         x_p, prompts_p, (grad_p,) = self._padded("backward", start, end, adapter, lora, x, prompts, grad_out)
-        key = (cache_key, start, end, adapter, lora.digests if lora else ())
+        key = _cache_entry(cache_key, start, end, adapter, lora)
         saved = None if cache_key is None else self.cache.take(key, x_p, prompts_p)
         if saved is not None:
             grads = saved.vjp(grad_p)
@@ -335,7 +335,7 @@ class BlockBackend:
 
         Raises ``CacheMiss`` when none is kept (evicted, expired, or computed elsewhere).
         """
-        saved = self.cache.take((cache_key, start, end, adapter, lora.digests if lora else ()))
+        saved = self.cache.take(_cache_entry(cache_key, start, end, adapter, lora))
         if saved is None:
             raise CacheMiss(f"no forward of blocks {start}:{end} is kept under this cache id; send the inputs")
         if grad_out.shape != saved.shape:
@@ -477,6 +477,11 @@ class SessionStep:
     x: np.ndarray
     prompts: np.ndarray
     hypo_ids: np.ndarray | None = None
+
+
+def _cache_entry(cache_key: Hashable, start: int, end: int, adapter: str, lora: HeldLora | None) -> tuple:
+    """What a kept forward is found by: the client's key, the span, and the adapter or LoRA weights it applied."""
+    return cache_key, start, end, adapter, lora.digests if lora else ()
 
 
 def default_attn_cache_tokens(cfg: ModelConfig) -> int:
