@@ -63,3 +63,13 @@ def start_servers(checkpoint):
     starts the swarm). Every process started is killed by PID at teardown, whatever the test did."""
     with Swarms(checkpoint[0]) as swarms:
         yield swarms.start
+
+
+@pytest.fixture(scope="module")
+def module_servers(checkpoint):
+    """``start_servers`` for a whole module: what it starts serves every test of the module that asks for it (a
+    server start costs seconds of imports), and is killed by PID after the module's last test. For servers the
+    tests only use: none kills one, injects a fault, or compares a server's counters with absolute numbers
+    another test's calls would change."""
+    with Swarms(checkpoint[0]) as swarms:
+        yield swarms.start

@@ -331,6 +331,12 @@ def _eventually(condition, timeout: float = 5.0) -> bool:
     return condition()
 
 
+@pytest.fixture(scope="module")
+def idle_server(module_servers):
+    """One server of every block, shared by the cases below: each checks that the server computed nothing."""
+    return module_servers([(0, 4)])
+
+
 @pytest.mark.network
 @pytest.mark.parametrize(
     "rpc,metadata,named",
@@ -342,14 +348,14 @@ def _eventually(condition, timeout: float = 5.0) -> bool:
         ("rpc_inference", {"max_length": 8, "points": "lots"}, "points"),
     ],
 )
-def test_metadata_of_the_wrong_type_is_refused_by_name(checkpoint, start_servers, rpc, metadata, named):
+def test_metadata_of_the_wrong_type_is_refused_by_name(checkpoint, idle_server, rpc, metadata, named):
     from hivemind.p2p import PeerID
     from hivemind.proto import runtime_pb2
 
     from jaxseq.remote import protocol
 
     _, cfg, _ = checkpoint
-    servers, prefix = start_servers([(0, 4)])
+    servers, prefix = idle_server
     x = np.zeros((1, 2, cfg.hidden_size), np.float32)
     tensors = [protocol.serialize(x)] * (2 if rpc == "rpc_backward" else 1)
     request = runtime_pb2.ExpertRequest(

@@ -142,9 +142,15 @@ def test_demo_end_to_end(tmp_path, family):
     assert _processes_marked(mark) == []
 
 
+@pytest.fixture(scope="module")
+def two_servers(module_servers):
+    """Blocks 0:2 and 2:4 on two real servers, shared by the tests of this module that only use them."""
+    return module_servers([(0, 2), (2, 4)])
+
+
 @pytest.mark.network
-def test_swarm_command_lists_servers(start_servers):
-    servers, prefix = start_servers([(0, 2), (2, 4)])
+def test_swarm_command_lists_servers(two_servers):
+    servers, prefix = two_servers
     result = subprocess.run(
         [sys.executable, "-m", "jaxseq.cli", "swarm", "--initial-peers", servers[0].maddr, "--dht-prefix", prefix],
         capture_output=True,
@@ -225,12 +231,12 @@ def test_server_shares_a_gpu_and_sets_its_matmul_precision(monkeypatch, prealloc
 
 
 @pytest.mark.network
-def test_readme_flax_in_ten_lines_runs_as_written(checkpoint, start_servers):
+def test_readme_flax_in_ten_lines_runs_as_written(checkpoint, two_servers):
     """The README's "Flax in ten lines", with only its placeholders filled in: real servers, a real checkpoint."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("## Flax in ten lines", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    servers, prefix = start_servers([(0, 2), (2, 4)])
+    servers, prefix = two_servers
     for placeholder, value in [
         ("/ip4/127.0.0.1/tcp/PORT/p2p/PEER", servers[0].maddr),
         ('"my-llama"', repr(prefix)),
@@ -264,8 +270,8 @@ def test_torch_bridge_example_runs_on_a_local_swarm():
 
 
 @pytest.mark.network
-def test_flax_example_runs_through_servers(checkpoint, start_servers):
-    servers, prefix = start_servers([(0, 2), (2, 4)])
+def test_flax_example_runs_through_servers(checkpoint, two_servers):
+    servers, prefix = two_servers
     args = ["--initial-peers", servers[0].maddr, "--dht-prefix", prefix, "--checkpoint", str(checkpoint[0])]
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "flax_prompt_tuning.py"), *args, "--steps", "3", "--batch", "2", "--seq", "8"],

@@ -152,66 +152,33 @@ def health(state: dict) -> dict[str, tuple[list[int], str]]:
     return {s["peer"]: (s["blocks"], s["health"]) for s in state["servers"]}
 
 
-def test_the_monitor_page_shows_the_swarm_and_servers_going(chat_checkpoint):
-    """The page in Chromium shows each live server's span; a server SIGTERMed shows gone and its blocks
-    uncovered; a server SIGKILLed turns unreachable, then gone when its DHT record expires."""
-    with Swarms(chat_checkpoint) as swarms:
-        (first, second, spare), prefix = swarms.start([(0, 2), (2, 4), (0, 2)])
-        monitor = launch("monitor", "--initial-peers", first.maddr, "--dht-prefix", prefix, "--refresh", "1")
-        with monitor.wait_ready(timeout=60):
-            url = monitor.announced
-            state = poll_state(url, lambda s: len(s["servers"]) == 3)
-            assert health(state) == {
-                first.peer_id: ([0, 2], "live"), second.peer_id: ([2, 4], "live"), spare.peer_id: ([0, 2], "live")
-            }  # fmt: skip
-            assert state["uncovered_blocks"] == [] and all(s["rtt_ms"] > 0 for s in state["servers"])
-            assert {(s["family"], s["dtype"]) for s in state["servers"]} == {("llama", "float32")}
-            dom = browse(url)
-            assert server_rows(dom) == {
-                first.peer_id: ("0:2", "live"), second.peer_id: ("2:4", "live"), spare.peer_id: ("0:2", "live")
-            }  # fmt: skip
-            assert uncovered_headers(dom) == [] and "every block is held" in dom
-
-            spare.kill()  # its record stays in the DHT until it expires (twice --update-period, 10 s here)
-            killed_at = time.monotonic()
-            state = poll_state(url, lambda s: health(s)[spare.peer_id][1] != "live")
-            assert health(state)[spare.peer_id][1] == "unreachable" and state["uncovered_blocks"] == []
-            state = poll_state(url, lambda s: health(s)[spare.peer_id][1] == "gone")
-            assert health(state)[spare.peer_id][1] == "gone" and time.monotonic() - killed_at < 10 + 5
-
-            assert second.terminate() == 0  # it announces OFFLINE as it leaves
-            state = poll_state(url, lambda s: s["uncovered_blocks"])
-            assert state["uncovered_blocks"] == [2, 3] and health(state)[second.peer_id] == ([2, 4], "gone")
-            dom = browse(url)
-            assert server_rows(dom) == {
-                first.peer_id: ("0:2", "live"), second.peer_id: ("2:4", "gone"), spare.peer_id: ("0:2", "gone")
-            }  # fmt: skip
-            assert uncovered_headers(dom) == [2, 3] and "no live server holds blocks 2, 3" in dom
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            browse(url, f"--screenshot={ARTIFACTS / 'monitor.png'}", "--window-size=1200,340")
-            assert (ARTIFACTS / "monitor.png").stat().st_size > 1000
-            assert monitor.terminate() == 0
-
-
 # --- the OpenAI-compatible API -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def api(chat_checkpoint):
-    """``jaxseq serve-api`` over two real servers, an ``openai`` client of it, and a manager of the same swarm
-    for references."""
+def swarm(chat_checkpoint):
+    """Two real servers (blocks 0:2 and 2:4) of the chat checkpoint: those the API serves from, and then, after
+    the API's tests, the monitor's (which ends one): (``Swarms``, servers, prefix)."""
     with Swarms(chat_checkpoint) as swarms:
         servers, prefix = swarms.start([(0, 2), (2, 4)])
-        process = launch(
-            "serve-api", "--initial-peers", servers[0].maddr, "--dht-prefix", prefix,
-            "--checkpoint", str(chat_checkpoint), "--model-name", "tiny-chat", "--max-tokens-limit", "64",
-        )  # fmt: skip
-        with process.wait_ready(timeout=120):
-            client = openai.OpenAI(base_url=f"{process.announced}/v1", api_key="unused", max_retries=0, timeout=120)
-            with jaxseq.RemoteSequenceManager([servers[0].maddr], prefix) as manager:
-                model = jaxseq.DistributedCausalLM(chat_checkpoint, manager)
-                yield client, model, process, servers
-            assert process.terminate() == 0
+        yield swarms, servers, prefix
+
+
+@pytest.fixture(scope="module")
+def api(chat_checkpoint, swarm):
+    """``jaxseq serve-api`` over two real servers, an ``openai`` client of it, and a manager of the same swarm
+    for references."""
+    _, servers, prefix = swarm
+    process = launch(
+        "serve-api", "--initial-peers", servers[0].maddr, "--dht-prefix", prefix,
+        "--checkpoint", str(chat_checkpoint), "--model-name", "tiny-chat", "--max-tokens-limit", "64",
+    )  # fmt: skip
+    with process.wait_ready(timeout=120):
+        client = openai.OpenAI(base_url=f"{process.announced}/v1", api_key="unused", max_retries=0, timeout=120)
+        with jaxseq.RemoteSequenceManager([servers[0].maddr], prefix) as manager:
+            model = jaxseq.DistributedCausalLM(chat_checkpoint, manager)
+            yield client, model, process, servers
+        assert process.terminate() == 0
 
 
 def greedy(model, ids, max_new_tokens) -> list[int]:
@@ -358,3 +325,48 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(api, case):
     error = reply.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
     assert client.completions.create(model="tiny-chat", prompt="The", max_tokens=2, temperature=0).choices[0].text
+
+
+# --- the monitor, over the API's servers: last, as it ends one of them ----------------------------------------
+
+
+def test_the_monitor_page_shows_the_swarm_and_servers_going(swarm):
+    """The page in Chromium shows each live server's span; a server SIGTERMed shows gone and its blocks
+    uncovered; a server SIGKILLed turns unreachable, then gone when its DHT record expires. (The API's two
+    servers and a spare of blocks 0:2: this test comes after the API's, which need both of those servers.)"""
+    swarms, (first, second), prefix = swarm
+    (spare,), _ = swarms.start([(0, 2)], prefix, [first.maddr])
+    monitor = launch("monitor", "--initial-peers", first.maddr, "--dht-prefix", prefix, "--refresh", "1")
+    with monitor.wait_ready(timeout=60):
+        url = monitor.announced
+        state = poll_state(url, lambda s: len(s["servers"]) == 3)
+        assert health(state) == {
+            first.peer_id: ([0, 2], "live"), second.peer_id: ([2, 4], "live"), spare.peer_id: ([0, 2], "live")
+        }  # fmt: skip
+        assert state["uncovered_blocks"] == [] and all(s["rtt_ms"] > 0 for s in state["servers"])
+        assert {(s["family"], s["dtype"]) for s in state["servers"]} == {("llama", "float32")}
+        dom = browse(url)
+        assert server_rows(dom) == {
+            first.peer_id: ("0:2", "live"), second.peer_id: ("2:4", "live"), spare.peer_id: ("0:2", "live")
+        }  # fmt: skip
+        assert uncovered_headers(dom) == [] and "every block is held" in dom
+
+        spare.kill()  # its record stays in the DHT until it expires (twice --update-period, 10 s here)
+        killed_at = time.monotonic()
+        state = poll_state(url, lambda s: health(s)[spare.peer_id][1] != "live")
+        assert health(state)[spare.peer_id][1] == "unreachable" and state["uncovered_blocks"] == []
+        state = poll_state(url, lambda s: health(s)[spare.peer_id][1] == "gone")
+        assert health(state)[spare.peer_id][1] == "gone" and time.monotonic() - killed_at < 10 + 5
+
+        assert second.terminate() == 0  # it announces OFFLINE as it leaves
+        state = poll_state(url, lambda s: s["uncovered_blocks"])
+        assert state["uncovered_blocks"] == [2, 3] and health(state)[second.peer_id] == ([2, 4], "gone")
+        dom = browse(url)
+        assert server_rows(dom) == {
+            first.peer_id: ("0:2", "live"), second.peer_id: ("2:4", "gone"), spare.peer_id: ("0:2", "gone")
+        }  # fmt: skip
+        assert uncovered_headers(dom) == [2, 3] and "no live server holds blocks 2, 3" in dom
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browse(url, f"--screenshot={ARTIFACTS / 'monitor.png'}", "--window-size=1200,340")
+        assert (ARTIFACTS / "monitor.png").stat().st_size > 1000
+        assert monitor.terminate() == 0
