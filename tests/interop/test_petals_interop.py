@@ -104,7 +104,8 @@ class TestThroughPetalsServers:
         path, cfg, params = petals_checkpoint
         first, second, prefix = petals_swarm
         local = training_step(lambda x, p: jaxseq.local_sequential(cfg, params, x, p))
-        config = jaxseq.ClientConfig(max_tokens_in_batch=8192, **CLIENT)
+        # one micro-batch whatever the pings say (under load a loopback ping can open the long-link gate)
+        config = jaxseq.ClientConfig(max_tokens_in_batch=8192, stream_bytes=None, **CLIENT)
         with RemoteSequenceManager([first.maddr], prefix, config) as manager:
             assert manager.num_blocks == 8  # from the Petals servers' _petals.models record
             step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
