@@ -25,6 +25,10 @@ class LoraWeights:
         ...                        "q_proj_lora_b": np.zeros((4, 2, 32), np.float32)})
         >>> lora.rank, len(lora.digests), sorted(lora.block(1))
         (2, 4, ['q_proj_lora_a', 'q_proj_lora_b'])
+        >>> LoraWeights.of({"q_proj_lora_a": np.zeros((4, 32, 2), np.float32)})
+        Traceback (most recent call last):
+        ...
+        ValueError: LoRA arrays come in _lora_a/_lora_b pairs; missing ['q_proj_lora_b']
     """
 
     arrays: Mapping[str, np.ndarray]
@@ -39,6 +43,9 @@ class LoraWeights:
         for name, array in arrays.items():
             if not name.endswith(("_lora_a", "_lora_b")) or array.ndim != 3:
                 raise ValueError(f"LoRA array {name!r} {array.shape}: want {{target}}_lora_a/_lora_b, [blocks, ., .]")
+        unpaired = sorted({name[:-1] + ("b" if name[-1] == "a" else "a") for name in arrays} - set(arrays))
+        if unpaired:
+            raise ValueError(f"LoRA arrays come in _lora_a/_lora_b pairs; missing {unpaired}")
         blocks = {array.shape[0] for array in arrays.values()}
         if len(blocks) != 1:
             raise ValueError(f"LoRA arrays cover different numbers of blocks: {sorted(blocks)}")
