@@ -86,6 +86,11 @@ def test_backward_keeps_the_micro_batches_of_its_forward(tiny_cfg, tiny_params, 
     config = jaxseq.ClientConfig(stream_bytes=1, stream_min_rtt=0.5, min_backoff=0.01, deadline=30.0)
     swarm, manager = make_swarm([(0, 2), (2, 4)], config)
     x, prompts = random_inputs(tiny_cfg, 3, 6, 2)
+
+    async def pinged() -> None:  # the manager's first pings (in the background) would overwrite what is set below
+        await manager._pinging
+
+    manager.run(pinged())
     manager._shortest_rtt = {server.name: rtt_before for server in swarm.servers}
     out, vjp = jax.vjp(lambda x, p: jaxseq.remote_sequential(x, p, manager), x, prompts)
     manager._shortest_rtt = {server.name: rtt_after for server in swarm.servers}
