@@ -122,6 +122,21 @@ def test_cache_is_bounded_in_bytes_and_age(tiny_cfg, tiny_params):
     assert backend.cache.hits == 0 and len(backend.cache) == 0 and backend.cache.nbytes == 0
 
 
+def test_cache_counts_activations_not_the_weights_every_entry_shares(tiny_cfg, tiny_params):
+    """An entry's VJP closure holds the blocks' weights, which the server keeps anyway: counted per entry, they
+    made the many one-row micro-batches of a long-link step evict each other before their backwards."""
+    backend = BlockBackend(tiny_cfg, tiny_params)
+    weights = sum(leaf.nbytes for leaf in jax.tree.leaves(backend.blocks))
+    x, prompts, _ = _arrays(tiny_cfg, 1, 8, 2, 4)
+    backend.forward(x, prompts, 0, 4, cache_key="probe")
+    entry = backend.cache.nbytes
+    assert x.nbytes + prompts.nbytes < entry < weights  # the activations, without any weight
+    backend = BlockBackend(tiny_cfg, tiny_params, cache_bytes=int(8.5 * entry))
+    for i in range(8):
+        backend.forward(*_arrays(tiny_cfg, 1, 8, 2, 4, seed=i)[:2], 0, 4, cache_key=i)
+    assert len(backend.cache) == 8 and backend.cache.nbytes == 8 * entry
+
+
 def test_swarm_training_step_uses_the_cache(tiny_cfg, tiny_params, make_swarm):
     swarm, manager = make_swarm([(0, 2), (2, 4)], jaxseq.ClientConfig(max_tokens_in_batch=16))
     x = jax.random.normal(jax.random.key(0), (3, 7, tiny_cfg.hidden_size))

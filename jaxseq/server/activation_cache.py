@@ -6,7 +6,7 @@ import collections
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 import jax
 import numpy as np
@@ -44,16 +44,20 @@ class ActivationCache:
     inputs are exactly the forward's, or by one that names it instead of sending its inputs.
     """
 
-    def __init__(self, max_bytes: int, ttl: float):
+    def __init__(self, max_bytes: int, ttl: float, held_elsewhere: Iterable[jax.Array] = ()):
         self.max_bytes = max_bytes
         self.ttl = ttl
+        # Arrays a VJP closure holds that the server keeps anyway (its blocks' weights, the same objects): not
+        # the entry's bytes. Counted per entry they made many small micro-batches evict each other.
+        self._held_elsewhere = {id(array): array for array in held_elsewhere}
         self.nbytes = 0
         self.hits = self.misses = 0
         self._entries: collections.OrderedDict[Hashable, SavedForward] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def put(self, key: Hashable, x: jax.Array, prompts: jax.Array, vjp: Callable, shape: tuple, dtypes: tuple) -> None:
-        nbytes = x.nbytes + prompts.nbytes + sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
+        held = jax.tree.leaves(vjp)
+        nbytes = x.nbytes + prompts.nbytes + sum(a.nbytes for a in held if id(a) not in self._held_elsewhere)
         if nbytes > self.max_bytes:
             return
         with self._lock:

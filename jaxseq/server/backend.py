@@ -79,7 +79,6 @@ class BlockBackend:
     ):
         self.cfg = cfg
         self.start = start
-        self.cache = ActivationCache(cache_bytes, cache_ttl)
         self.device = device  # where the blocks live and compute; None: JAX's default device
         self.blocks = [jax.device_put(b, device) for b in blocks]
         # LoRA adapters by name, each of exactly these blocks; "" (no adapter) leaves the blocks alone
@@ -90,6 +89,8 @@ class BlockBackend:
             if (adapter.start, len(adapter.blocks)) != (start, len(blocks)):
                 raise ValueError(f"adapter {adapter.name!r} is not of blocks {start}:{self.end}, which this serves")
             self.adapters[adapter.name] = on_device(adapter, device)
+        weights = jax.tree.leaves((self.blocks, [adapter.blocks for adapter in self.adapters.values()]))
+        self.cache = ActivationCache(cache_bytes, cache_ttl, held_elsewhere=weights)
         self.dtype = self.blocks[0]["q_proj"].dtype
         self._compiled: set[tuple] = set()
         self._lock = threading.Lock()
