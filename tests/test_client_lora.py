@@ -306,6 +306,29 @@ def test_lora_under_vmap_is_refused_by_name(make_swarm, tiny_cfg):
         jax.vmap(lambda x: jaxseq.remote_sequential(x, None, manager, lora))(xs)
 
 
+def test_a_backward_names_the_weights_its_forward_hashed_without_hashing_them_again(
+    checkpoint, lora_swarm, monkeypatch
+):
+    """A training step hashes each block's LoRA weights once (in its forward); its backward reuses them. A
+    backward whose forward state is gone (recomputed) hashes them itself."""
+    _, cfg, params = checkpoint
+    hashed: list[int] = []
+    digest = jaxseq.client.lora.digest
+    monkeypatch.setattr(jaxseq.client.lora, "digest", lambda block: hashed.append(1) or digest(block))
+    x, prompts = random_inputs(cfg, 2, 5, 2)
+    lora = random_lora_weights(cfg, rank=2, targets=("q_proj",))
+    servers, _ = lora_swarm
+    with _manager(lora_swarm, allowed_servers=(servers[0].peer_id, servers[1].peer_id)) as manager:
+        step = _loss(lambda x, p, w: jaxseq.remote_sequential(x, p, manager, w))
+        got = step(x, prompts, lora)
+        assert len(hashed) == cfg.num_hidden_layers
+        hashed.clear()
+        manager.saved.capacity = 0  # nothing kept: the backward runs the forward again, with weights it hashes
+        assert rel_err(step(x, prompts, lora)[1][2]["q_proj_lora_a"], got[1][2]["q_proj_lora_a"]) < TOL
+        assert len(hashed) == 2 * cfg.num_hidden_layers
+    _assert_equal(got, _loss(lambda x, p, w: _local(cfg, params, x, p, w))(x, prompts, lora))
+
+
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_a_local_swarm_applies_client_lora_of_other_families(family, tmp_path):
     """Other families' projections (Qwen2's biased q/k/v, Mistral's windows), in process: equal to local."""

@@ -5,13 +5,14 @@ backward. Shared by ``jaxseq.remote_sequential`` (JAX host callbacks) and ``brid
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
 
 from jaxseq.arrays import all_finite
-from jaxseq.client.chain import ChainGradients, backward_batches, forward_batches
+from jaxseq.client.chain import ChainGradients, MicroBatchRun, backward_batches, forward_batches
 from jaxseq.client.lora import LoraWeights
 from jaxseq.client.manager import SequenceManager
 
@@ -38,6 +39,15 @@ def _check_finite(manager: SequenceManager, arrays: dict[str, np.ndarray]) -> No
             raise error
 
 
+@dataclasses.dataclass(frozen=True)
+class ForwardState:
+    """What a forward keeps for its backward: its micro-batches' runs, and the LoRA weights it sent (whose
+    digests the backward names again, without hashing the weights twice)."""
+
+    runs: list[MicroBatchRun]
+    lora: LoraWeights | None
+
+
 def run_forward(
     manager: SequenceManager, x: np.ndarray, prompts: np.ndarray, save: bool, lora: LoraWeights | None = None
 ) -> tuple[np.ndarray, int]:
@@ -57,8 +67,8 @@ def run_forward(
     _check_finite(manager, {"hidden states": x, "prompts": prompts})
     if lora is not None:
         _check_finite(manager, {f"LoRA weights {name}": array for name, array in lora.arrays.items()})
-    out, done = _run(manager, forward_batches(manager, x, prompts, lora))
-    return out, (manager.saved.put(done) if save else 0)
+    out, runs = _run(manager, forward_batches(manager, x, prompts, lora))
+    return out, (manager.saved.put(ForwardState(runs, lora)) if save else 0)
 
 
 def run_backward(
@@ -76,5 +86,7 @@ def run_backward(
     backward) the forward is recomputed, so this never fails for that reason.
     """
     _check_finite(manager, {"grad outputs": grad_out})
-    done = manager.saved.pop(handle)
-    return _run(manager, backward_batches(manager, x, prompts, grad_out, done, lora))
+    state: ForwardState | None = manager.saved.pop(handle)
+    if state is not None:
+        return _run(manager, backward_batches(manager, x, prompts, grad_out, state.runs, state.lora))
+    return _run(manager, backward_batches(manager, x, prompts, grad_out, None, lora))

@@ -9,6 +9,7 @@ name for the whole chain). Servers return their gradients in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,7 +19,8 @@ from jaxseq.arrays import digest
 
 @dataclasses.dataclass(frozen=True)
 class LoraWeights:
-    """LoRA arrays of blocks ``0..num_blocks-1`` by name (each ``[num_blocks, ...]``) and their digests.
+    """LoRA arrays of blocks ``0..num_blocks-1`` by name (each ``[num_blocks, ...]``) and their digests
+    (computed when first asked for: a backward that reuses its forward's weights never hashes them again).
 
     Example:
         >>> lora = LoraWeights.of({"q_proj_lora_a": np.zeros((4, 32, 2), np.float32),
@@ -32,7 +34,6 @@ class LoraWeights:
     """
 
     arrays: Mapping[str, np.ndarray]
-    digests: tuple[str, ...]
 
     @classmethod
     def of(cls, arrays: Mapping[str, np.ndarray]) -> LoraWeights:
@@ -49,9 +50,12 @@ class LoraWeights:
         blocks = {array.shape[0] for array in arrays.values()}
         if len(blocks) != 1:
             raise ValueError(f"LoRA arrays cover different numbers of blocks: {sorted(blocks)}")
-        lora = cls(arrays, ())
-        digests = tuple(digest(lora.block(i)) for i in range(blocks.pop()))
-        return dataclasses.replace(lora, digests=digests)
+        return cls(arrays)
+
+    @functools.cached_property
+    def digests(self) -> tuple[str, ...]:
+        """Each block's digest, by which servers keep its arrays."""
+        return tuple(digest(self.block(i)) for i in range(next(iter(self.arrays.values())).shape[0]))
 
     @property
     def names(self) -> list[str]:
