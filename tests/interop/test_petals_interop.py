@@ -89,7 +89,8 @@ class TestThroughPetalsServers:
     start and to stop, and neither test changes the servers (no fault, no counter read)."""
 
     @pytest.fixture(scope="class")
-    def petals_swarm(self, petals_py, petals_checkpoint, tmp_path_factory):
+    @classmethod
+    def petals_swarm(cls, petals_py, petals_checkpoint, tmp_path_factory):
         path, _, _ = petals_checkpoint
         logs = tmp_path_factory.mktemp("petals-logs")
         with (
@@ -166,7 +167,8 @@ class TestThroughJaxseqServers:
     counted from what the server had sent before it."""
 
     @pytest.fixture(scope="class")
-    def jaxseq_swarm(self, petals_checkpoint):
+    @classmethod
+    def jaxseq_swarm(cls, petals_checkpoint):
         path, _, _ = petals_checkpoint
         with _jaxseq_servers() as start:
             first = start(path, (0, 4), "interop3", None)
