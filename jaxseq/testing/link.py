@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import math
 import selectors
+import statistics
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -98,14 +99,17 @@ class _Direction:
 
 
 class _Timer:
-    """Sleeps that end when they are due. This host's timers fire late in proportion to the sleep (about 2%
-    through select(), 1 ms of a 50 ms delay, measured in a VM), which would make every link that much longer
-    than set: each sleep is shortened by the lateness measured on the sleeps before it."""
+    """Sleeps that end when they are due. This host's timers fire late in proportion to the sleep (2-8% through
+    select() in a VM, varying by the hour: 1-4 ms of a 50 ms delay), which would make every link that much
+    longer than set: each sleep is shortened by the timer's lateness, the median of the last sleeps' (a busy
+    host wakes a sleeper later still now and then; the median leaves such wake-ups out, so they do not make the
+    links after them shorter than set)."""
 
     MIN_MEASURED = 0.01  # shorter sleeps are late by a fixed ~0.1 ms rather than in proportion: not measured
 
     def __init__(self) -> None:
-        self.lateness = 0.0  # a sleep's overshoot, as a fraction of the time asked for
+        self.observed: collections.deque[float] = collections.deque(maxlen=15)  # overshoots, as fractions
+        self.lateness = 0.0  # their median: what each sleep is shortened by, as a fraction of it
 
     async def sleep_until(self, due: float) -> None:
         loop = asyncio.get_running_loop()
@@ -114,7 +118,8 @@ class _Timer:
         asked, start = wait / (1 + self.lateness), loop.time()
         await asyncio.sleep(asked)
         if asked >= self.MIN_MEASURED:
-            self.lateness += 0.3 * ((loop.time() - start) / asked - 1 - self.lateness)
+            self.observed.append((loop.time() - start) / asked - 1)
+            self.lateness = max(0.0, statistics.median(self.observed))
 
 
 class Relay:
