@@ -87,6 +87,5 @@ def run_backward(
     """
     _check_finite(manager, {"grad outputs": grad_out})
     state: ForwardState | None = manager.saved.pop(handle)
-    if state is not None:
-        return _run(manager, backward_batches(manager, x, prompts, grad_out, state.runs, state.lora))
-    return _run(manager, backward_batches(manager, x, prompts, grad_out, None, lora))
+    runs, lora = (state.runs, state.lora) if state is not None else (None, lora)
+    return _run(manager, backward_batches(manager, x, prompts, grad_out, runs, lora))

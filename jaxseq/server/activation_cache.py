@@ -56,8 +56,8 @@ class ActivationCache:
         self._lock = threading.Lock()
 
     def put(self, key: Hashable, x: jax.Array, prompts: jax.Array, vjp: Callable, shape: tuple, dtypes: tuple) -> None:
-        held = jax.tree.leaves(vjp)
-        nbytes = x.nbytes + prompts.nbytes + sum(a.nbytes for a in held if id(a) not in self._held_elsewhere)
+        leaves = jax.tree.leaves(vjp)
+        nbytes = x.nbytes + prompts.nbytes + sum(a.nbytes for a in leaves if id(a) not in self._held_elsewhere)
         if nbytes > self.max_bytes:
             return
         with self._lock:
