@@ -339,8 +339,21 @@ def petals_server(
             log_path.unlink(missing_ok=True)
 
 
-_CLIENT_FWD_BWD = r"""
-import json, sys, time
+# The end of every Petals-client script: ``remote`` and ``result`` are the script's.
+_REPORT_AND_EXIT = r"""
+layers = remote.model.layers
+layers.sequence_manager.shutdown()
+layers.sequence_manager.dht.shutdown()  # explicit, or interpreter exit prints event-loop noise
+print("RESULT " + json.dumps(result), flush=True)
+sys.stderr.flush()
+# Petals 2.2's client can still hang in interpreter exit with its work done (a CI run printed RESULT,
+# then nothing for 300 s); the caller kills this process group, its p2pd included, either way.
+os._exit(0)
+"""
+
+_CLIENT_FWD_BWD = (
+    r"""
+import json, os, sys, time
 import torch, transformers, petals
 
 ckpt, peers, prefix, batch, seq, seed = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:7])
@@ -381,15 +394,13 @@ got = fwd_bwd(remote)
 fwd_bwd_s = time.perf_counter() - t0
 with torch.no_grad():  # how much the blocks change their input: a comparison is only meaningful if a lot
     hs = local(inputs_embeds=emb, output_hidden_states=True).hidden_states
-out = dict(
+result = dict(
     {f"rel_{k}": rel(got[k], ref[k]) for k in ref},
     connect_s=connect_s, fwd_bwd_s=fwd_bwd_s, first_block_change=rel(hs[1], emb),
 )
-layers = remote.model.layers
-layers.sequence_manager.shutdown()
-layers.sequence_manager.dht.shutdown()  # explicit, or interpreter exit prints event-loop noise
-print("RESULT " + json.dumps(out), flush=True)
 """
+    + _REPORT_AND_EXIT
+)
 
 
 def petals_client_fwd_bwd(
@@ -430,8 +441,9 @@ def petals_client_fwd_bwd(
     return json.loads(results[-1][len("RESULT ") :])
 
 
-_CLIENT_GENERATE = r"""
-import json, sys
+_CLIENT_GENERATE = (
+    r"""
+import json, os, sys
 import torch, transformers, petals
 
 ckpt, peers, prefix, ids = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
@@ -450,11 +462,10 @@ ids = torch.tensor(ids)
 with torch.no_grad():
     want = local.generate(ids, **options)
     got = remote.generate(ids, **options)
-layers = remote.model.layers
-layers.sequence_manager.shutdown()
-layers.sequence_manager.dht.shutdown()  # explicit, or interpreter exit prints event-loop noise
-print("RESULT " + json.dumps(dict(remote=got.tolist(), local=want.tolist())), flush=True)
+result = dict(remote=got.tolist(), local=want.tolist())
 """
+    + _REPORT_AND_EXIT
+)
 
 
 def petals_client_generate(
