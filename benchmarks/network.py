@@ -4,8 +4,11 @@ settings of the links: no limits (the relays alone), 100 Mbit/s alone, 100 ms al
 setting (c)), and its (a) 1 Gbit/s, 5 ms and (b) 100 Mbit/s, 5 ms, each on a swarm started for it. For each:
 the step's median time, the bytes that crossed the links and the calls per step, and a token's median time
 (greedy, batch 1, prompt 64); and what a limit costs, in one-way delays (RTT / 2): the time over the no-limits
-setting divided by the one-way delay. The step is timed both ways in turn on the same swarm: "before" as one
-call per span (``ClientConfig(stream_bytes=None)``), "after" as the default's micro-batches in flight at once.
+setting divided by the one-way delay. The step is timed three ways in turn on the same swarm, each improvement
+added to the one before: "one call" per span, the client passing every tensor on
+(``ClientConfig(stream_bytes=None, server_to_server=False)``); "no hops", the default's micro-batches in flight
+at once, still client-driven (``server_to_server=False``); and the default, whose servers also hand tensors
+straight to each other (server-to-server hops).
 With the Petals venv (``tests/interop/petals_venv.sh``), Petals 2.2 servers behind relays of their own under
 the same settings, and a Petals client's step and token, with jaxseq / Petals ratios.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import statistics
 import tempfile
@@ -57,7 +61,8 @@ class Row:
     setting: str
     link: Link
     step_s: float  # median
-    before_s: float  # median of the same step as one call per span (stream_bytes=None)
+    one_call_s: float  # median of the same step as one call per span, client-driven
+    no_hops_s: float  # median of the same step with micro-batches in flight, client-driven
     step_mb: float  # MB through all links per step, both ways
     calls: float  # RPCs per step
     token_s: float  # median time between two generated tokens
@@ -102,28 +107,33 @@ def measure(
     with Network() as network:
         with servers_behind_links(network, checkpoint, spans, link, "bench-network") as (servers, relays):
             config = jaxseq.ClientConfig(shared_memory=False, request_timeout=300.0, deadline=600.0)
-            before_config = dataclasses.replace(config, stream_bytes=None)
-            with (
-                RemoteSequenceManager([servers[0].maddr], "bench-network", config) as manager,
-                RemoteSequenceManager([servers[0].maddr], "bench-network", before_config) as before_manager,
-            ):
+            no_hops = dataclasses.replace(config, server_to_server=False)
+            configs = [dataclasses.replace(no_hops, stream_bytes=None), no_hops, config]
+            with contextlib.ExitStack() as stack:
+                one_call_manager, no_hops_manager, manager = (
+                    stack.enter_context(RemoteSequenceManager([servers[0].maddr], "bench-network", c)) for c in configs
+                )
                 x, prompts = inputs(CFG, batch)
-                step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
-                before = training_step(lambda x, p: jaxseq.remote_sequential(x, p, before_manager))
+                one_call, without_hops, step = (
+                    training_step(functools.partial(jaxseq.remote_sequential, manager=m))
+                    for m in (one_call_manager, no_hops_manager, manager)
+                )
                 model = jaxseq.DistributedCausalLM(checkpoint, manager)
                 ids = np.random.default_rng(0).integers(3, CFG.vocab_size, (1, PROMPT))
-                run_step(step, x, prompts), run_step(before, x, prompts)  # everything compiled
+                for fn in (one_call, without_hops, step):
+                    run_step(fn, x, prompts)  # everything compiled
                 token_seconds(model, ids, 4)
-                before_times, counts = [], []
-                for _ in range(steps):  # in turn, so that the machine's drift hits both alike
-                    before_times.append(timed(lambda: run_step(before, x, prompts)))
+                one_call_times, no_hops_times, counts = [], [], []
+                for _ in range(steps):  # in turn, so that the machine's drift hits all alike
+                    one_call_times.append(timed(lambda: run_step(one_call, x, prompts)))
+                    no_hops_times.append(timed(lambda: run_step(without_hops, x, prompts)))
                     counts.append(counted(lambda: run_step(step, x, prompts), manager, relays))
                 token = token_seconds(model, ids, tokens)
                 paced = [token_seconds(model, ids, tokens, pause) for pause in pauses]
     times, calls, crossed = zip(*counts)
     row = Row(
-        setting, link, statistics.median(times), statistics.median(before_times), sum(crossed) / steps / 1e6,
-        sum(calls) / steps, token,
+        setting, link, statistics.median(times), statistics.median(one_call_times), statistics.median(no_hops_times),
+        sum(crossed) / steps / 1e6, sum(calls) / steps, token,
     )  # fmt: skip
     return row, paced
 
@@ -256,7 +266,8 @@ def main() -> None:
     if python is None:
         print(f"Petals left out: {no_petals_reason}\n")
     print(
-        f"{'links':<22}{'before ms':>10}{'step ms':>9}{'MB/step':>9}{'calls':>7}{'+ one-way delays':>18}"
+        f"{'links':<22}{'one call ms':>12}{'no hops ms':>11}{'step ms':>9}{'MB/step':>9}{'calls':>7}"
+        f"{'+ one-way delays':>18}"
         f"{'token ms':>10}{'+ one-way delays':>18}{'floor ms':>10}{'x floor':>8}"
         f"{'Petals step':>12}{'x Petals':>9}{'Petals token':>13}{'x Petals':>9}{'Petals failed':>14}"
     )
@@ -270,7 +281,8 @@ def main() -> None:
                 f"{r.petals_token_s * 1e3:>13.1f}{r.token_s / r.petals_token_s:>9.2f}{r.petals_failed:>14}"
             )
         print(
-            f"{r.setting:<22}{r.before_s * 1e3:>10.0f}{r.step_s * 1e3:>9.0f}{r.step_mb:>9.1f}{r.calls:>7.1f}"
+            f"{r.setting:<22}{r.one_call_s * 1e3:>12.0f}{r.no_hops_s * 1e3:>11.0f}{r.step_s * 1e3:>9.0f}"
+            f"{r.step_mb:>9.1f}{r.calls:>7.1f}"
             f"{step_delays:>18}{r.token_s * 1e3:>10.1f}{token_delays:>18}{floor}{petals}"
         )
 

@@ -55,3 +55,5 @@ def test_fuzzed_server_survives_and_still_answers_correctly(checkpoint, start_se
         assert info["cache_tokens_available"] == 2 * 16 * 4  # every fuzzed session's cache was freed
         lora_mb = float(SERVER_ARGS[SERVER_ARGS.index("--lora-mb") + 1])
         assert 0 < info["jaxseq_lora"]["bytes"] <= lora_mb * 2**20  # clients' LoRA weights kept within --lora-mb
+        handoff_mb = float(SERVER_ARGS[SERVER_ARGS.index("--handoff-mb") + 1])
+        assert 0 < info["jaxseq_handoffs"]["bytes"] <= handoff_mb * 2**20  # hand-offs kept within --handoff-mb

@@ -5,10 +5,12 @@ client's timeouts set in round trips. Also: ``--announce-maddrs`` refuses what n
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 import psutil
 import pytest
@@ -33,10 +35,8 @@ CONFIG = jaxseq.ClientConfig(
 
 
 @pytest.fixture(scope="module")
-def linked_swarm(
-    checkpoint, tmp_path_factory
-) -> Iterator[tuple[list[ServerProcess], dict[str, Relay], RemoteSequenceManager]]:
-    """Two spans, two servers each (a spare for each span), every one behind its own link; and a client.
+def linked_servers(checkpoint, tmp_path_factory) -> Iterator[tuple[Swarms, list[ServerProcess], str]]:
+    """Two spans, two servers each (a spare for each span), every one behind its own link.
     The servers share a JAX compilation cache: one compiles a shape, the others load it (seconds each on
     two busy cores, which the tests would spend on every spare's first call)."""
     cache = {
@@ -45,8 +45,15 @@ def linked_swarm(
     }
     with Network() as network, Swarms(checkpoint[0], env=cache, network=network) as swarms:
         servers, prefix = swarms.start([(0, 2), (0, 2), (2, 4), (2, 4)], link=LINK)
-        with RemoteSequenceManager([servers[0].maddr], prefix, CONFIG) as manager:
-            yield servers, swarms.relays, manager
+        yield swarms, servers, prefix
+
+
+@pytest.fixture(scope="module")
+def linked_swarm(linked_servers) -> Iterator[tuple[list[ServerProcess], dict[str, Relay], RemoteSequenceManager]]:
+    """The linked servers, and a client."""
+    swarms, servers, prefix = linked_servers
+    with RemoteSequenceManager([servers[0].maddr], prefix, CONFIG) as manager:
+        yield servers, swarms.relays, manager
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +157,7 @@ def test_a_server_sigkilled_mid_step_costs_no_step(checkpoint, linked_swarm, loc
             time.sleep(0.002)
 
     watcher = threading.Thread(target=kill_once_the_forward_arrives)
-    retries, start = manager.retries, time.monotonic()
+    retries, start, handed = manager.retries, time.monotonic(), handoffs(servers, manager)
     watcher.start()
     try:
         got = step(x, prompts * 1.5)
@@ -160,6 +167,13 @@ def test_a_server_sigkilled_mid_step_costs_no_step(checkpoint, linked_swarm, loc
     assert_matches(got, local_step(x, prompts * 1.5))
     assert time.monotonic() - start < CONFIG.deadline
     assert manager.retries > retries
+    # the chain ran through server-to-server hops (the killed server was the one awaiting a hand-off)
+    assert sum(n["sent"] - handed.get(peer, {}).get("sent", 0) for peer, n in handoffs(servers, manager).items()) > 0
+
+
+def handoffs(servers: list[ServerProcess], manager: RemoteSequenceManager) -> dict[str, dict[str, int]]:
+    """The live servers' counts of training tensors handed on, failed to hand on, received, and dropped."""
+    return {s.peer_id: manager.server_info(s.peer_id)["jaxseq_handoffs"] for s in servers if s.process.poll() is None}
 
 
 @pytest.mark.network
@@ -186,6 +200,57 @@ def test_a_server_sigkilled_mid_generation_costs_no_token(linked_swarm, linked_m
     got = linked_model.generate(ids, max_new_tokens=16, on_tokens=kill_midway)
     np.testing.assert_array_equal(got, want)
     assert killed and manager.retries > retries
+
+
+@pytest.mark.network
+def test_server_to_server_hops_equal_the_client_driven_chain_exactly(checkpoint, linked_servers, local_step, tmp_path):
+    """One server per span, two micro-batches. With hops, the first span's server hands its outputs to the
+    second's and the second hands the grad inputs back; results equal the client-driven chain's bit for bit.
+    Then a new server of blocks 2:4 that serves this client alone (``--allowed-clients``): it refuses the
+    first server's forward hand-offs, so the client sends those tensors itself; the same results again.
+    (Last of the swarm's tests: later clients would find the new server refusing them.)"""
+    _, cfg, _ = checkpoint
+    swarms, servers, prefix = linked_servers
+    first, second = (
+        next(s for s in servers if s.blocks == span and s.process.poll() is None) for span in [(0, 2), (2, 4)]
+    )
+    identity = str(tmp_path / "client.key")
+    with RemoteSequenceManager([first.maddr], prefix, CONFIG, identity_path=identity) as client:
+        client_id = client.peer_id
+    (guarded,), _ = swarms.start([(2, 4)], prefix, [first.maddr], ["--allowed-clients", client_id], link=LINK)
+    x, prompts = random_inputs(cfg, 4, 64, 3, seed=3)
+    for downstream in (second, guarded):
+        pair = [first, downstream]
+        results = {}
+        for hops in (True, False):
+            config = dataclasses.replace(
+                CONFIG,
+                allowed_servers=(first.peer_id, downstream.peer_id),
+                server_to_server=hops,
+                max_tokens_in_batch=128,
+            )
+            with RemoteSequenceManager([first.maddr], prefix, config, identity_path=identity) as manager:
+                before = handoffs(pair, manager)
+                results[hops] = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))(x, prompts)
+                counted = {
+                    (s.blocks, k): n - before[s.peer_id][k]
+                    for s in pair
+                    for k, n in handoffs(pair, manager)[s.peer_id].items()
+                    if k != "bytes"
+                }
+            forward_handed, backward_handed = 2 * hops * (downstream is second), 2 * hops
+            assert counted == {
+                ((0, 2), "sent"): forward_handed,
+                ((0, 2), "failed"): 2 * hops - forward_handed,
+                ((0, 2), "received"): backward_handed,
+                ((0, 2), "dropped"): 0,
+                ((2, 4), "sent"): backward_handed,
+                ((2, 4), "failed"): 0,
+                ((2, 4), "received"): forward_handed,
+                ((2, 4), "dropped"): 0,
+            }, f"through {downstream.peer_id}, hops={hops}"
+        jax.tree.map(np.testing.assert_array_equal, results[True], results[False])
+        assert_matches(results[True], local_step(x, prompts))
 
 
 @pytest.mark.parametrize(

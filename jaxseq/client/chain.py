@@ -1,6 +1,8 @@
 """The fault-tolerant chain: forward span by span, backward in reverse, re-routing around failures.
 
-Knows spans and retries, not bytes: every call goes through a ``SequenceManager``. Arrays are
+Knows spans and retries, not bytes: every call goes through a ``SequenceManager``. Where servers hand
+results to each other (``SequenceManager.hands_off``), a run of such spans is called at once and the
+servers pass the tensors on (``Hop``); what comes back is what the client-driven chain would have. Arrays are
 numpy arrays in the client's memory. Deep prompts always cover the whole chain
 (``[num_blocks, batch, prompt_len, hidden]``, indexed by absolute block number); ``prompt_len`` may be 0.
 So do the client's LoRA weights, when it has any (``LoraWeights``; None for none).
@@ -13,12 +15,14 @@ import dataclasses
 import functools
 import logging
 import time
+import uuid
+from collections.abc import Sequence
 
 import numpy as np
 
 from jaxseq.client.errors import MissingBlocksError, ServerFailure
 from jaxseq.client.lora import LoraWeights
-from jaxseq.client.manager import SequenceManager, SpanGradients
+from jaxseq.client.manager import Hop, SequenceManager, SpanGradients
 from jaxseq.client.retries import Retries
 from jaxseq.client.routing import Span
 from jaxseq.client.verification import verified
@@ -57,6 +61,18 @@ async def chain_forward(
         try:
             if not plan:
                 plan = manager.make_route(pos, end, tokens=x.shape[0] * x.shape[1], lora_rank=lora.rank if lora else 0)
+            hops = _hop_group(manager, plan)
+            if len(hops) > 1:
+                retries.what = f"forward of blocks {hops[0].start}:{hops[-1].end} through server-to-server hops"
+                runs, x, failure = await _forward_hops(manager, hops, x, prompts, retries, lora)
+                done.extend(runs)
+                del plan[: len(runs)]
+                if runs:
+                    pos = runs[-1].span.end
+                    retries.succeeded()
+                if failure is not None:
+                    raise failure
+                continue
             span = plan[0]
             retries.what = f"forward of blocks {span.start}:{span.end}"
             cache_id = manager.new_cache_id()
@@ -76,6 +92,108 @@ async def chain_forward(
         plan.pop(0)
         retries.succeeded()
     return x, done
+
+
+def _hop_group(manager: SequenceManager, spans: list[Span]) -> list[Span]:
+    """The leading spans of ``spans`` whose servers each hand on to the next (at least the first span)."""
+    group = spans[:1]
+    for span in spans[1:]:
+        if not manager.hands_off(group[-1], span):
+            break
+        group.append(span)
+    return group
+
+
+def _hops(peers: list[str]) -> list[Hop]:
+    """Each call's ``Hop`` in a run of calls to ``peers``, each handing on to the next under a fresh id."""
+    ids = [uuid.uuid4().hex for _ in peers[1:]]
+    return [
+        Hop(to=(peers[i + 1], ids[i]) if i < len(ids) else None, from_id=ids[i - 1] if i else None)
+        for i in range(len(peers))
+    ]
+
+
+def _hop_timeouts(retries: Retries, n: int) -> list[float]:
+    """Each call's timeout in a run of ``n`` calls sent at once: the i-th also waits for the i - 1 before it."""
+    timeout, left = retries.timeout(), retries.deadline - time.monotonic()
+    return [min(timeout * (i + 1), left) for i in range(n)]
+
+
+async def _forward_hops(
+    manager: SequenceManager,
+    spans: list[Span],
+    x: np.ndarray,
+    prompts: np.ndarray,
+    retries: Retries,
+    lora: LoraWeights | None,
+) -> tuple[list[SpanRun], np.ndarray, ServerFailure | None]:
+    """Forward through ``spans`` (from ``_hop_group``), all called at once, each server handing its outputs to
+    the next; returns the spans done, the last one's output, and the failure that stopped the run (None).
+    A server that did not hand on also ends the run early: the chain goes on from there."""
+    cache_ids = [manager.new_cache_id() for _ in spans]
+    timeouts = _hop_timeouts(retries, len(spans))
+    calls = [
+        asyncio.ensure_future(
+            manager.forward_hop(span, x, prompts[span.start : span.end], timeout, cache_id, lora, hop)
+        )
+        for span, timeout, cache_id, hop in zip(spans, timeouts, cache_ids, _hops([s.peer for s in spans]))
+    ]
+    runs: list[SpanRun] = []
+    try:
+        for span, cache_id, call in zip(spans, cache_ids, calls):
+            try:
+                out, handed = await call
+            except ServerFailure as failure:
+                return runs, x, failure
+            runs.append(SpanRun(span, x, cache_id))
+            x = out
+            if not handed:
+                break
+        return runs, x, None
+    finally:
+        await _cancel(calls)
+
+
+async def _backward_hops(
+    manager: SequenceManager,
+    runs: list[SpanRun],
+    grad_out: np.ndarray,
+    prompts: np.ndarray,
+    retries: Retries,
+    lora: LoraWeights | None,
+) -> tuple[list[SpanGradients], ServerFailure | None]:
+    """Backward through ``runs`` (last span first), all called at once, each server handing its grad inputs to
+    the next; returns the gradients of the spans done, and the failure that stopped the run (None). As in
+    ``_forward_hops``, a server that did not hand on ends the run early."""
+    timeouts = _hop_timeouts(retries, len(runs))
+    calls = [
+        asyncio.ensure_future(
+            manager.backward_hop(
+                run.span, run.inputs, grad_out, prompts[run.span.start : run.span.end], timeout, run.cache_id, lora, hop
+            )
+        )
+        for run, timeout, hop in zip(runs, timeouts, _hops([r.span.peer for r in runs]))
+    ]
+    results: list[SpanGradients] = []
+    try:
+        for call in calls:
+            try:
+                grads, handed = await call
+            except ServerFailure as failure:
+                return results, failure
+            results.append(grads)
+            if not handed:
+                break
+        return results, None
+    finally:
+        await _cancel(calls)
+
+
+async def _cancel(calls: Sequence[asyncio.Future]) -> None:
+    """Cancel the calls still running (their servers drop what they await when it times out) and let them end."""
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
 
 
 async def _rerun_forward(
@@ -135,9 +253,41 @@ async def chain_backward(
     """
     grad_prompts = np.zeros_like(prompts)
     grad_lora = lora.zero_grads() if lora else None
+
+    def add(span: Span, grads: SpanGradients) -> None:
+        if grads.prompts is not None:
+            grad_prompts[span.start : span.end] = grads.prompts
+        if grad_lora is not None and grads.lora is not None:
+            for block, named in enumerate(grads.lora, start=span.start):
+                for name, grad in named.items():
+                    grad_lora[name][block] = grad
+
+    async def replay(run: SpanRun, error: ServerFailure) -> None:
+        """After ``run``'s backward failed: its forward again, through other servers, for backward to go on."""
+        await retries.failed(error, run.span.start)
+        _, redone = await chain_forward(manager, run.inputs, prompts, run.span.start, run.span.end, deadline, lora)
+        todo.extend(redone)
+
     todo = list(done)
     retries = Retries(manager, deadline, "backward")
     while todo:
+        if len(todo) > 1 and manager.hands_off(todo[-1].span, todo[-2].span):
+            group = [todo.pop()]
+            while todo and manager.hands_off(group[-1].span, todo[-1].span):
+                group.append(todo.pop())
+            retries.what = (
+                f"backward of blocks {group[-1].span.start}:{group[0].span.end} through server-to-server hops"
+            )
+            results, failure = await _backward_hops(manager, group, grad_out, prompts, retries, lora)
+            for run, grads in zip(group, results):
+                add(run.span, grads)
+                grad_out = grads.inputs
+            if results:
+                retries.succeeded()
+            todo.extend(reversed(group[len(results) :]))
+            if failure is not None:
+                await replay(todo.pop(), failure)
+            continue
         run = todo.pop()
         span, x = run.span, run.inputs
         retries.what = f"backward of blocks {span.start}:{span.end}"
@@ -148,17 +298,10 @@ async def chain_backward(
                 rerun = functools.partial(_rerun_backward, manager, retries, x, grad_out, span_prompts, lora)
                 _, grads = await verified(manager, span, grads, rerun, as_tuple=_as_tuple)
         except ServerFailure as error:
-            await retries.failed(error, span.start)
-            _, redone = await chain_forward(manager, x, prompts, span.start, span.end, deadline, lora)
-            todo.extend(redone)
+            await replay(run, error)
             continue
         grad_out = grads.inputs
-        if grads.prompts is not None:
-            grad_prompts[span.start : span.end] = grads.prompts
-        if grad_lora is not None and grads.lora is not None:
-            for block, named in enumerate(grads.lora, start=span.start):
-                for name, grad in named.items():
-                    grad_lora[name][block] = grad
+        add(span, grads)
         retries.succeeded()
     return ChainGradients(grad_out, grad_prompts, grad_lora)
 

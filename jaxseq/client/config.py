@@ -32,8 +32,13 @@ class ClientConfig:
         verify_fraction: fraction of spans (forward and backward) re-run on a second server and compared;
             on disagreement a third server decides and the outlier is banned. 0 disables it.
         alloc_timeout: seconds an inference session may wait for a server's attention cache.
-        server_to_server: in inference sessions, ask each server to push its outputs straight to the next
-            server's session too (Petals' ``next_servers``), saving the next server a round trip.
+        server_to_server: servers hand results straight to the next server, saving the next server a round
+            trip through the client. In training (a jaxseq extension, between jaxseq servers on other machines
+            than the client's; off while ``verify_fraction`` > 0, whose cross-checks need the client to send
+            every input): the client sends every span's call at once, and each server hands its outputs
+            (backward: grad inputs) to the call of the next; the client still gets every reply, to replay any
+            span that fails. In inference sessions: each server pushes its outputs to the next server's session
+            too (Petals' ``next_servers``).
         stream_bytes: micro-batches are also cut to at most this many bytes of hidden states (at least one row
             each), and run at once: each is a stream of its own with its own flow-control window (p2pd's
             multiplexer, yamux, opens a stream with a 256 KiB window and grows it only over round trips), so on

@@ -9,6 +9,7 @@ import abc
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -81,6 +82,17 @@ class SavedStates:
         return len(self._states)
 
 
+@dataclasses.dataclass(frozen=True)
+class Hop:
+    """A call's part in server-to-server hops (a jaxseq extension, ``protocol.HAND_TO_KEY``): its server hands
+    its result on to ``to`` (the next server's peer id, and the id that server's call awaits), and/or takes its
+    first input (hidden states forward, grad outputs backward) from the hand-off ``from_id``, not from the
+    client. ``Hop()``: neither."""
+
+    to: tuple[str, str] | None = None
+    from_id: str | None = None
+
+
 class SequenceManager(abc.ABC):
     """Routing, bans and calls to the servers that hold blocks ``0..num_blocks-1``.
 
@@ -139,6 +151,32 @@ class SequenceManager(abc.ABC):
     ) -> ServerSession:
         """Open an inference session on ``span``'s server (``jaxseq.client.inference.ServerSession``), with the
         client's ``lora`` weights applied if any; raises ``ServerFailure`` when it can't be opened."""
+
+    async def _call_forward_hop(
+        self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str, lora: LoraWeights | None, hop: Hop
+    ) -> tuple[np.ndarray, bool]:
+        """``_call_forward`` with ``hop``: ``x`` only gives the shape and dtype when ``hop.from_id`` is set; returns
+        also whether the server handed its output on. Only where ``hands_off`` allows it."""
+        raise NotImplementedError(f"{type(self).__name__} has no server-to-server hops")
+
+    async def _call_backward_hop(
+        self,
+        span: Span,
+        x: np.ndarray,
+        grad_out: np.ndarray,
+        prompts: np.ndarray,
+        cache_id: str,
+        lora: LoraWeights | None,
+        hop: Hop,
+    ) -> tuple[tuple[Any, ...], bool]:
+        """``_call_backward`` with ``hop`` (``grad_out`` only gives the shape and dtype when ``hop.from_id`` is
+        set); returns also whether the server handed its grad inputs on."""
+        raise NotImplementedError(f"{type(self).__name__} has no server-to-server hops")
+
+    def hands_off(self, upstream: Span, downstream: Span) -> bool:
+        """Whether ``upstream``'s server may hand its result straight to ``downstream``'s (``Hop``), instead of
+        the client passing it on. Never, on a transport without server-to-server hops."""
+        return False
 
     @abc.abstractmethod
     async def _call_backward(
@@ -324,10 +362,34 @@ class SequenceManager(abc.ABC):
     ) -> np.ndarray:
         """Forward through one span (with the client's ``lora`` applied, if any); raises ``ServerFailure``
         (``FaultyResponse`` for bad answers)."""
-        with self._counted(span):
-            out = await self._guarded(self._call_forward(span, x, prompts, cache_id, lora), span, timeout)
-            check_reply(span, "output", out, x.shape, x.dtype)
+        call = self._call_forward(span, x, prompts, cache_id, lora)
+        out, _ = await self._forward(span, x, timeout, call, handing=False)
         return out
+
+    async def forward_hop(
+        self,
+        span: Span,
+        x: np.ndarray,
+        prompts: np.ndarray,
+        timeout: float,
+        cache_id: str,
+        lora: LoraWeights | None,
+        hop: Hop,
+    ) -> tuple[np.ndarray, bool]:
+        """``forward`` as a part of server-to-server hops (where ``hands_off`` allows them): ``x`` only gives the
+        shape and dtype when ``hop.from_id`` is set; returns also whether the server handed its output on."""
+        call = self._call_forward_hop(span, x, prompts, cache_id, lora, hop)
+        return await self._forward(span, x, timeout, call, handing=True)
+
+    async def _forward(
+        self, span: Span, x: np.ndarray, timeout: float, call: Coroutine, handing: bool
+    ) -> tuple[np.ndarray, bool]:
+        """The call's output (checked against ``x``), and (``handing``: the call says) whether it was handed on."""
+        with self._counted(span):
+            result = await self._guarded(call, span, timeout)
+            out, handed = result if handing else (result, False)
+            check_reply(span, "output", out, x.shape, x.dtype)
+        return out, handed
 
     async def backward(
         self,
@@ -340,8 +402,40 @@ class SequenceManager(abc.ABC):
         lora: LoraWeights | None = None,
     ) -> SpanGradients:
         """Backward through one span; validates every gradient like ``forward`` validates outputs."""
+        call = self._call_backward(span, x, grad_out, prompts, cache_id, lora)
+        grads, _ = await self._backward(span, x, prompts, timeout, lora, call, handing=False)
+        return grads
+
+    async def backward_hop(
+        self,
+        span: Span,
+        x: np.ndarray,
+        grad_out: np.ndarray,
+        prompts: np.ndarray,
+        timeout: float,
+        cache_id: str,
+        lora: LoraWeights | None,
+        hop: Hop,
+    ) -> tuple[SpanGradients, bool]:
+        """``backward`` as a part of server-to-server hops (see ``forward_hop``): ``grad_out`` only gives the shape
+        and dtype when ``hop.from_id`` is set; returns also whether the server handed its grad inputs on."""
+        call = self._call_backward_hop(span, x, grad_out, prompts, cache_id, lora, hop)
+        return await self._backward(span, x, prompts, timeout, lora, call, handing=True)
+
+    async def _backward(
+        self,
+        span: Span,
+        x: np.ndarray,
+        prompts: np.ndarray,
+        timeout: float,
+        lora: LoraWeights | None,
+        call: Coroutine,
+        handing: bool,
+    ) -> tuple[SpanGradients, bool]:
+        """The call's gradients, checked as ``backward`` says, and whether they were handed on (as ``_forward``)."""
         with self._counted(span):
-            grads = await self._guarded(self._call_backward(span, x, grad_out, prompts, cache_id, lora), span, timeout)
+            result = await self._guarded(call, span, timeout)
+            grads, handed = result if handing else (result, False)
             with_prompts = prompts.shape[2] > 0
             lora_shapes = lora.grad_shapes(span.start, span.end) if lora else []
             if len(grads) != 1 + with_prompts + len(lora_shapes):
@@ -357,7 +451,7 @@ class SequenceManager(abc.ABC):
         if lora:
             flat = iter(grads[1 + with_prompts :])
             grad_lora = [{name: next(flat) for name in lora.names} for _ in range(span.start, span.end)]
-        return SpanGradients(grads[0], grads[1] if with_prompts else None, grad_lora)
+        return SpanGradients(grads[0], grads[1] if with_prompts else None, grad_lora), handed
 
     @contextlib.contextmanager
     def _counted(self, span: Span):

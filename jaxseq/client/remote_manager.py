@@ -28,7 +28,7 @@ from jaxseq.client.codecs import LinkEstimates
 from jaxseq.client.config import ClientConfig
 from jaxseq.client.errors import CacheMissed, FaultyResponse, LoraMissed, ServerFailure, SharedMemoryRefused
 from jaxseq.client.lora import LoraWeights
-from jaxseq.client.manager import SequenceManager, check_reply
+from jaxseq.client.manager import Hop, SequenceManager, check_reply
 from jaxseq.client.routing import Span
 from jaxseq.client.shm import SegmentPool
 from jaxseq.remote import dht, protocol, shm
@@ -229,8 +229,14 @@ class RemoteSequenceManager(SequenceManager):
         return time.perf_counter() - start
 
     # --- the wire ------------------------------------------------------------------------------
-    def _metadata(self, cache_id: str, inputs_cached: bool, codec: str, n_results: int, lora: list[str]) -> dict:
+    def _metadata(
+        self, cache_id: str, inputs_cached: bool, codec: str, n_results: int, lora: list[str], hop: Hop
+    ) -> dict:
         metadata: dict[str, Any] = {"points": 0.0, "active_adapter": self.config.active_adapter or ""}
+        if hop.to is not None:
+            metadata[protocol.HAND_TO_KEY] = list(hop.to)
+        if hop.from_id is not None:
+            metadata[protocol.HAND_FROM_KEY] = hop.from_id
         if lora:
             metadata[protocol.LORA_KEY] = lora
         if cache_id:
@@ -258,21 +264,29 @@ class RemoteSequenceManager(SequenceManager):
         cache_id: str,
         inputs_cached: bool = False,
         lora: LoraWeights | None = None,
-    ) -> list[np.ndarray]:
-        """One RPC: through shared memory (see ``shm``) to a jaxseq server on this machine, else over the wire.
+        hop: Hop = Hop(),
+    ) -> tuple[list[np.ndarray], bool]:
+        """One RPC: through shared memory (see ``shm``) to a jaxseq server on this machine, else over the wire;
+        returns the outputs, and whether the server says it handed its result on (``hop``).
         ``results`` are the shapes and dtypes the reply must have (for the shared-memory segments);
         ``inputs_cached``: a backward that sends only grad outputs (see ``protocol.INPUTS_CACHED_KEY``); ``lora``:
         the client's LoRA weights, given to the server first where it does not hold them yet."""
         if lora is None:
-            return await self._call_once(span, rpc, arrays, results, cache_id, inputs_cached, [])
-        digests = list(lora.digests[span.start : span.end])
-        await self._give_lora(span, lora)
-        try:
-            return await self._call_once(span, rpc, arrays, results, cache_id, inputs_cached, digests)
-        except LoraMissed:  # evicted since: give them again, once
-            self._forget_lora(span.peer, lora)
+            outputs, reply = await self._call_once(span, rpc, arrays, results, cache_id, inputs_cached, [], hop)
+        else:
+            digests = list(lora.digests[span.start : span.end])
             await self._give_lora(span, lora)
-            return await self._call_once(span, rpc, arrays, results, cache_id, inputs_cached, digests)
+            try:
+                outputs, reply = await self._call_once(
+                    span, rpc, arrays, results, cache_id, inputs_cached, digests, hop
+                )
+            except LoraMissed:  # evicted since: give them again, once
+                self._forget_lora(span.peer, lora)
+                await self._give_lora(span, lora)
+                outputs, reply = await self._call_once(
+                    span, rpc, arrays, results, cache_id, inputs_cached, digests, hop
+                )
+        return outputs, protocol.reply_handed_off(reply)
 
     async def _give_lora(self, span: Span, lora: LoraWeights) -> None:
         """Make sure ``span``'s server holds the span's blocks' LoRA weights: give those it was not given, in one
@@ -327,24 +341,36 @@ class RemoteSequenceManager(SequenceManager):
         cache_id: str,
         inputs_cached: bool,
         lora: list[str],
-    ) -> list[np.ndarray]:
-        if self.config.shared_memory and self._same_machine(span.peer):
+        hop: Hop,
+    ) -> tuple[list[np.ndarray], bytes]:
+        """The outputs, and the reply's raw metadata."""
+        if self._uses_shared_memory(span.peer):
             try:
-                metadata = self._metadata(cache_id, inputs_cached, "none", len(results), lora)  # no wire to spare
+                metadata = self._metadata(cache_id, inputs_cached, "none", len(results), lora, hop)  # no wire to spare
                 return await self._call_shared_memory(span, rpc[0], arrays, results, metadata)
             except SharedMemoryRefused as refused:  # e.g. a server run by another user: use the wire
                 logger.info("server %s refused shared memory, sending tensors over the wire: %s", span.peer, refused)
                 self._no_shared_memory.add(span.peer)
         codec = self._codec(span.peer, arrays, results)
         self.codecs_used[span.peer, codec] += 1
-        metadata = self._metadata(cache_id, inputs_cached, codec, len(results), lora)
+        metadata = self._metadata(cache_id, inputs_cached, codec, len(results), lora, hop)
         return await self._call_wire(span, rpc, arrays, metadata, codec)
 
-    def _same_machine(self, peer: str) -> bool:
-        if peer in self._no_shared_memory or self._machine is None:
+    def _uses_shared_memory(self, peer: str) -> bool:
+        if not self.config.shared_memory or peer in self._no_shared_memory or self._machine is None:
             return False
         record = self._record(peer)
         return record is not None and record.info.machine == self._machine
+
+    def hands_off(self, upstream: Span, downstream: Span) -> bool:
+        """Two jaxseq servers that take part in hops (``Hop``), and the client would reach ``downstream`` over the
+        wire (through shared memory, the client passing a tensor on costs less than a hop)."""
+        if not self.config.server_to_server or self.config.verify_fraction > 0 or upstream.peer == downstream.peer:
+            return False
+        records = self._record(upstream.peer), self._record(downstream.peer)
+        return all(r is not None and r.info.hands_off for r in records) and not self._uses_shared_memory(
+            downstream.peer
+        )
 
     def _caches_backward(self, peer: str) -> bool:
         record = self._record(peer)
@@ -370,7 +396,9 @@ class RemoteSequenceManager(SequenceManager):
         except _UNREACHABLE as error:
             raise ServerFailure(span.peer, f"unreachable: {type(error).__name__}: {error}", reachable=False) from None
 
-    async def _call_shared_memory(self, span, rpc: str, arrays: list, results, metadata: dict) -> list[np.ndarray]:
+    async def _call_shared_memory(
+        self, span, rpc: str, arrays: list, results, metadata: dict
+    ) -> tuple[list[np.ndarray], bytes]:
         inputs = [a for a in arrays if a is not None]
         t0 = time.perf_counter()
         preparing = asyncio.ensure_future(asyncio.to_thread(self._segments.exchange, inputs, results))
@@ -403,11 +431,11 @@ class RemoteSequenceManager(SequenceManager):
             sum(a.nbytes for a in inputs),
             sum(a.nbytes for a in outputs),
         )
-        return outputs
+        return outputs, response.metadata
 
     async def _call_wire(
         self, span: Span, rpc: tuple[str, str], arrays: list, metadata: dict, codec: str
-    ) -> list[np.ndarray]:
+    ) -> tuple[list[np.ndarray], bytes]:
         uids = protocol.span_uids(self.dht_prefix, span.start, span.end)
         t0 = time.perf_counter()
         requests, streamed = await asyncio.to_thread(protocol.make_requests, uids, arrays, metadata, codec)
@@ -434,7 +462,7 @@ class RemoteSequenceManager(SequenceManager):
             span, rpc[0], transport, (t0, t1, t2, t3), reply_metadata, sent, sum(len(p.buffer) for p in parts)
         )
         self._measure_link(timing)
-        return outputs
+        return outputs, reply_metadata
 
     def _measure_link(self, timing: CallTiming) -> None:
         """The call's wire seconds: its round trip less the link's delay (its shortest ping) and the server's own
@@ -476,14 +504,24 @@ class RemoteSequenceManager(SequenceManager):
     async def _call_forward(
         self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str, lora: LoraWeights | None
     ) -> np.ndarray:
-        arrays = [x, prompts if prompts.shape[2] else None]
+        out, _ = await self._call_forward_hop(span, x, prompts, cache_id, lora, Hop())
+        return out
+
+    async def _call_forward_hop(
+        self, span: Span, x: np.ndarray, prompts: np.ndarray, cache_id: str, lora: LoraWeights | None, hop: Hop
+    ) -> tuple[np.ndarray, bool]:
+        arrays = [_handed(x, hop), prompts if prompts.shape[2] else None]
         rpc = (protocol.RPC_FORWARD, protocol.RPC_FORWARD_STREAM)
-        outputs = await self._call(span, rpc, arrays, [(x.shape, x.dtype)], cache_id, lora=lora)
+        outputs, handed = await self._call(span, rpc, arrays, [(x.shape, x.dtype)], cache_id, lora=lora, hop=hop)
         if len(outputs) != 1:
             raise FaultyResponse(span.peer, f"forward returned {len(outputs)} tensors, expected 1")
-        return self._as_requested(span, outputs[0], x.dtype)
+        return self._as_requested(span, outputs[0], x.dtype), handed
 
     async def _call_backward(self, span, x, grad_out, prompts, cache_id, lora):
+        grads, _ = await self._call_backward_hop(span, x, grad_out, prompts, cache_id, lora, Hop())
+        return grads
+
+    async def _call_backward_hop(self, span, x, grad_out, prompts, cache_id, lora, hop):
         with_prompts = prompts.shape[2] > 0
         rpc = (protocol.RPC_BACKWARD, protocol.RPC_BACKWARD_STREAM)
         results = [(x.shape, x.dtype)] + ([(prompts.shape, prompts.dtype)] if with_prompts else [])
@@ -491,17 +529,19 @@ class RemoteSequenceManager(SequenceManager):
         grads = None
         if cache_id and self._caches_backward(span.peer):  # the server has the inputs: send the grads alone
             try:
-                grads = await self._call(span, rpc, [grad_out], results, cache_id, inputs_cached=True, lora=lora)
+                grads, handed = await self._call(
+                    span, rpc, [_handed(grad_out, hop)], results, cache_id, inputs_cached=True, lora=lora, hop=hop
+                )
             except CacheMissed:
-                cache_id = ""  # it kept nothing under that id: recompute
+                cache_id = ""  # it kept nothing under that id (and kept the hand-off for this): recompute
         if grads is None:
-            arrays = [x, grad_out, prompts if with_prompts else None]
-            grads = await self._call(span, rpc, arrays, results, cache_id, lora=lora)
+            arrays = [x, _handed(grad_out, hop), prompts if with_prompts else None]
+            grads, handed = await self._call(span, rpc, arrays, results, cache_id, lora=lora, hop=hop)
         if len(grads) < 1 + with_prompts:
             raise FaultyResponse(span.peer, f"backward returned {len(grads)} tensors, expected {len(results)}")
         grad_x = self._as_requested(span, grads[0], x.dtype)
         grad_prompts = [self._as_requested(span, grads[1], prompts.dtype)] if with_prompts else []
-        return (grad_x, *grad_prompts, *grads[1 + with_prompts :])
+        return (grad_x, *grad_prompts, *grads[1 + with_prompts :]), handed
 
     # --- inference -------------------------------------------------------------------------------
     async def _open_server_session(
@@ -524,6 +564,11 @@ def _discard_when_written(preparing: asyncio.Future) -> None:
     """Close the segments of an exchange whose call was abandoned while its inputs were being written."""
     if not preparing.cancelled() and preparing.exception() is None:
         preparing.result().discard()
+
+
+def _handed(array: np.ndarray, hop: Hop) -> np.ndarray:
+    """What a call sends in the place of ``array``: nothing (an empty array) where a hand-off brings it."""
+    return array if hop.from_id is None else np.empty(0, array.dtype)
 
 
 _INT64_DUMMY = np.zeros(0, np.int64)  # Petals' DUMMY_INT64: no hypo_ids

@@ -37,6 +37,7 @@ RPC_BACKWARD_STREAM = f"{HANDLER}.rpc_backward_stream"
 RPC_INFERENCE = f"{HANDLER}.rpc_inference"
 RPC_PUSH = f"{HANDLER}.rpc_push"
 RPC_LORA = f"{HANDLER}.rpc_lora"
+RPC_HANDOFF = f"{HANDLER}.rpc_handoff"
 
 CHAIN_DELIMITER = " "
 # Request metadata key naming a forward whose activations a jaxseq server may keep for the backward
@@ -54,6 +55,17 @@ INPUTS_CACHED_KEY = "jaxseq_inputs_cached"
 # Only to servers that announce ``ServerInfo.client_lora_rank``.
 LORA_KEY = "jaxseq_lora"
 LORA_NAMES_KEY = "jaxseq_lora_names"
+# A jaxseq extension: server-to-server hops in training. A forward (backward) naming ``[peer_id, id]`` under
+# ``HAND_TO_KEY`` has its server hand its outputs (grad inputs) on to that peer with ``rpc_handoff`` (a stream:
+# the tensor, its id under ``HANDOFF_KEY``, compressed as the reply is) before it replies, and says in the
+# reply's metadata whether that worked (``HANDED_OFF_KEY``). A request naming an id under ``HAND_FROM_KEY``
+# sends an empty tensor in place of its hidden states (forward) or grad outputs (backward): the server takes
+# the tensor handed off under that id. The client still gets every reply whole, so it can replay any span.
+# Only between servers that announce ``ServerInfo.hands_off``.
+HAND_TO_KEY = "jaxseq_hand_to"
+HAND_FROM_KEY = "jaxseq_hand_from"
+HANDOFF_KEY = "jaxseq_handoff"
+HANDED_OFF_KEY = "jaxseq_handed_off"
 STREAM_THRESHOLD = MAX_UNARY_PAYLOAD_SIZE // 2
 
 # jaxseq's compression names -> hivemind's codes
@@ -273,9 +285,11 @@ def make_requests(
     return requests, streamed
 
 
-def streamed_requests(uids: str, arrays: Sequence[np.ndarray], metadata: Mapping[str, Any]) -> list:
-    """The messages of a call that is always streamed (``rpc_lora``), uncompressed."""
-    return _messages(runtime_pb2.ExpertRequest, arrays, "none", True, uid=uids, metadata=encode_metadata(metadata))
+def streamed_requests(
+    uids: str, arrays: Sequence[np.ndarray], metadata: Mapping[str, Any], compression: str = "none"
+) -> list:
+    """The messages of a call that is always streamed (``rpc_lora``, ``rpc_handoff``)."""
+    return _messages(runtime_pb2.ExpertRequest, arrays, compression, True, uid=uids, metadata=encode_metadata(metadata))
 
 
 def response_parts(arrays: Sequence[np.ndarray], compression: str, stream: bool) -> list[runtime_pb2.ExpertResponse]:
@@ -293,6 +307,15 @@ def reply_timing(raw: bytes) -> dict:
     return {
         k: float(v) for k, v in metadata.items() if k in ("compute_s", "wait_s", "io_s") and isinstance(v, (int, float))
     }
+
+
+def reply_handed_off(raw: bytes) -> bool:
+    """Whether a jaxseq server says, on its reply's first message, that it handed its result on
+    (``HANDED_OFF_KEY``); False if it does not say."""
+    try:
+        return decode_metadata(raw).get(HANDED_OFF_KEY) is True
+    except ProtocolError:
+        return False
 
 
 def combine_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[np.ndarray]:

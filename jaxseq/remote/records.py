@@ -40,6 +40,9 @@ EXTENSION_KEYS = {
     # The largest rank of a client's own LoRA weights the server applies and returns gradients for
     # (``jaxseq.remote.protocol.LORA_KEY``); absent: none.
     "client_lora_rank": "jaxseq_client_lora_rank",
+    # The server hands results on to other servers, and takes what they hand it, in training
+    # (``jaxseq.remote.protocol.HAND_TO_KEY``).
+    "hands_off": "jaxseq_hands_off",
 }
 
 
@@ -72,6 +75,7 @@ class ServerInfo:
     cached_backward: bool = False
     family: str | None = None
     client_lora_rank: int = 0
+    hands_off: bool = False
 
     def to_tuple(self) -> tuple[int, float, dict[str, Any]]:
         """The DHT value: ``(state, throughput, extra)``, Petals' keys always, extension keys when set."""
@@ -134,6 +138,7 @@ _FIELD_TYPES = {
     "cached_backward": bool,
     "family": str,
     "client_lora_rank": int,
+    "hands_off": bool,
 }
 
 

@@ -192,6 +192,13 @@ class ServerConfig:
     cache_ttl: float = dataclasses.field(
         default=120.0, metadata=_option("seconds a kept activation may wait for its backward", type=float)
     )
+    handoff_mb: float = dataclasses.field(
+        default=256.0,
+        metadata=_option(
+            "MiB of tensors other servers handed on to this one, kept until the requests awaiting them arrive "
+            "(server-to-server hops in training; 0: take part in none)", type=float,
+        ),
+    )  # fmt: skip
     attn_cache_tokens: int | None = dataclasses.field(
         default=None,
         metadata=_option(
@@ -256,7 +263,7 @@ class ServerConfig:
         for name in positive + tuple(name for name in optional if getattr(self, name) is not None):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("cache_mb", "cache_ttl", "batch_wait_ms", "max_lora_rank", "lora_mb"):
+        for name in ("cache_mb", "cache_ttl", "handoff_mb", "batch_wait_ms", "max_lora_rank", "lora_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
 
@@ -267,6 +274,10 @@ class ServerConfig:
     @property
     def cache_bytes(self) -> int:
         return int(self.cache_mb * 2**20)
+
+    @property
+    def handoff_bytes(self) -> int:
+        return int(self.handoff_mb * 2**20)
 
     @property
     def lora_bytes(self) -> int:

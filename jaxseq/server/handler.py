@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, TypeVar  # noqa: UP035
 import torch
 from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from jaxseq.models.lora import lora_targets
@@ -32,6 +33,7 @@ from jaxseq.server.backend import BlockBackend
 from jaxseq.server.batching import StepBatcher
 from jaxseq.server.compute_queue import ComputeQueue
 from jaxseq.server.config import ServerConfig
+from jaxseq.server.handoffs import Handoffs, check_id
 from jaxseq.server.lora_store import HeldLora, LoraMiss, LoraStore
 from jaxseq.server.sessions import SessionRegistry, StepReader
 from jaxseq.server.shm import ServerMappings, write
@@ -66,6 +68,9 @@ class TransformerConnectionHandler(ServicerBase):
         self.computed = {"forward": 0, "backward": 0, "inference": 0}
         # inference steps pushed on to the next server, and pushed steps queued for an open session here
         self.pushes = {"sent": 0, "received": 0}
+        # training tensors handed on to other servers (and hand-offs that failed), and handed to this one
+        self.handoffs = Handoffs(config.handoff_bytes, ttl=config.request_timeout)
+        self.handed = {"sent": 0, "failed": 0, "received": 0}
         self.allowed_clients = None if config.allowed_clients is None else frozenset(config.allowed_clients)
         grouped = backend.cfg.num_key_value_heads < backend.cfg.num_attention_heads
         self.batcher = StepBatcher(backend, self.queue, max_rows=config.max_tokens, wait_s=config.batch_wait_ms / 1000)
@@ -101,12 +106,14 @@ class TransformerConnectionHandler(ServicerBase):
             "dht_client_mode": False,
             "cache_tokens_available": self.cache_tokens_left,
             # jaxseq's own figures (Petals clients ignore them): requests computed by stage, inference
-            # steps pushed to the next server and received from the one before, the distinct (stage,
+            # steps pushed to the next server and received from the one before, training tensors handed
+            # on and handed here (and those dropped unused, and the bytes kept), the distinct (stage,
             # span, shape bucket) block functions compiled so far, the computations of inference steps
             # (several sessions' steps in one, when batched), how often a backward found its forward's
             # activations in the cache, and the model family and dtype served.
             "jaxseq_computed": dict(self.computed),
             "jaxseq_pushes": dict(self.pushes),
+            "jaxseq_handoffs": {**self.handed, "dropped": self.handoffs.dropped, "bytes": self.handoffs.nbytes},
             "jaxseq_family": self.backend.cfg.family,
             "jaxseq_dtype": str(self.backend.dtype),
             "jaxseq_compiled": self.backend.compile_count,
@@ -151,11 +158,15 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> list[runtime_pb2.ExpertResponse]:
         start, end = self._served(request.uids)
         arrays, result_places = self._arrays(request)
-        hidden, prompts = validation.forward_inputs(arrays, end - start, self.limits)
         key, adapter = self._cache_key(request, context), self._adapter(request.metadata)
         lora = self._held_lora(request.metadata, start, end)
+        hand_to = self._hand_to(request.metadata)
+        await self._take_handoff(request.metadata, arrays, slot=0)
+        hidden, prompts = validation.forward_inputs(arrays, end - start, self.limits)
         out, timing = await self._compute(self.backend.forward, hidden, prompts, start, end, key, adapter, lora)
         self.computed["forward"] += 1
+        if hand_to is not None:
+            timing[protocol.HANDED_OFF_KEY] = await self._hand_on(hand_to, out, request.metadata, 1)
         return await self._reply(request, [out], result_places, stream, timing, arrived)
 
     # --- backward ------------------------------------------------------------------------------
@@ -183,23 +194,99 @@ class TransformerConnectionHandler(ServicerBase):
         arrays, result_places = self._arrays(request)
         key, adapter = self._cache_key(request, context), self._adapter(request.metadata)
         lora = self._held_lora(request.metadata, start, end)
+        hand_to = self._hand_to(request.metadata)
         if request.metadata.get(protocol.INPUTS_CACHED_KEY) is True:
             if key is None:
                 raise ProtocolError(f"a backward without its inputs must name its forward's {protocol.CACHE_ID_KEY}")
+            handoff_id = await self._take_handoff(request.metadata, arrays, slot=0)
             grad_outputs = validation.cached_backward_inputs(arrays, end - start, self.limits)
             try:
                 grads, timing = await self._compute(
                     self.backend.backward_of_cached, grad_outputs, start, end, key, adapter, lora
                 )
             except CacheMiss as miss:
+                if handoff_id is not None:  # for the same request sent anew, with its inputs
+                    self.handoffs.put(handoff_id, grad_outputs)
                 raise ProtocolError(str(miss), ErrorKind.CACHE_MISS) from None
         else:
+            await self._take_handoff(request.metadata, arrays, slot=1)
             inputs, grad_outputs, prompts = validation.backward_inputs(arrays, end - start, self.limits)
             grads, timing = await self._compute(
                 self.backend.backward, inputs, prompts, grad_outputs, start, end, key, adapter, lora
             )
         self.computed["backward"] += 1
-        return await self._reply(request, grads.as_reply(), result_places, stream, timing, arrived)
+        reply = grads.as_reply()
+        if hand_to is not None:
+            timing[protocol.HANDED_OFF_KEY] = await self._hand_on(hand_to, reply[0], request.metadata, len(reply))
+        return await self._reply(request, reply, result_places, stream, timing, arrived)
+
+    # --- server-to-server hops in training -----------------------------------------------------
+    def _hand_to(self, metadata: dict) -> tuple[PeerID, str] | None:
+        """Where a request's result goes on (``protocol.HAND_TO_KEY``): the next server and the hand-off's id."""
+        target = metadata.get(protocol.HAND_TO_KEY)
+        if target is None:
+            return None
+        try:
+            peer, handoff_id = target
+            return PeerID.from_base58(peer), check_id(handoff_id)
+        except (ValueError, TypeError) as error:
+            raise ProtocolError(f"{protocol.HAND_TO_KEY} must be [peer_id, id], got {target!r:.100}: {error}") from None
+
+    async def _take_handoff(self, metadata: dict, arrays: list, slot: int) -> str | None:
+        """Put the tensor handed off under the request's ``protocol.HAND_FROM_KEY`` into ``arrays[slot]`` (where
+        the request sent an empty one), waiting for it up to the request timeout; returns the id, or None."""
+        handoff_id = metadata.get(protocol.HAND_FROM_KEY)
+        if handoff_id is None:
+            return None
+        if self.handoffs.max_bytes == 0:
+            raise ProtocolError("this server takes no hand-offs (--handoff-mb 0); send the tensors")
+        handoff_id = check_id(handoff_id)
+        if len(arrays) <= slot or arrays[slot].size:
+            raise ProtocolError(f"a request awaiting a hand-off sends an empty tensor in its place (tensor {slot})")
+        arrays[slot] = await self.handoffs.take(handoff_id, self.request_timeout)
+        return handoff_id
+
+    async def _hand_on(self, hand_to: tuple[PeerID, str], array, metadata: dict, n_results: int) -> bool:
+        """Hand ``array`` on to the next server (compressed as the reply is); whether it took it. A failure only
+        costs time: the client, told so in the reply, sends the tensor itself."""
+        peer_id, handoff_id = hand_to
+        compression = self._reply_compression(metadata, n_results)
+        requests = await asyncio.to_thread(
+            protocol.streamed_requests, "", [array], {protocol.HANDOFF_KEY: handoff_id}, compression
+        )
+
+        async def hand() -> bool:
+            replies = await self._p2p.iterate_protobuf_handler(
+                peer_id, protocol.RPC_HANDOFF, as_aiter(*requests), runtime_pb2.ExpertResponse
+            )
+            return [protocol.decode_metadata(reply.metadata) async for reply in replies] == [
+                {protocol.HANDED_OFF_KEY: True}
+            ]
+
+        try:
+            kept = await asyncio.wait_for(hand(), self.request_timeout)
+        except Exception as error:  # the next server is gone or unreachable from here: the client will send it
+            logger.info("handing a tensor on to %s failed: %s: %s", peer_id, type(error).__name__, error)
+            kept = False
+        self.handed["sent" if kept else "failed"] += 1
+        return kept
+
+    async def rpc_handoff(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A tensor handed on by the server before this one in a client's chain, for the request that awaits it
+        (``protocol.HAND_FROM_KEY``); the reply says whether it is kept."""
+        with self._refusals("rpc_handoff", context):
+            self._check_client(context)
+            if self.handoffs.max_bytes == 0:
+                raise ProtocolError("this server takes no hand-offs (--handoff-mb 0)")
+            request = await self._read_stream(requests)
+            handoff_id = check_id(request.metadata.get(protocol.HANDOFF_KEY))
+            if len(request.arrays) != 1:
+                raise ProtocolError(f"a hand-off carries one tensor, not {len(request.arrays)}")
+            kept = self.handoffs.put(handoff_id, request.arrays[0])
+            self.handed["received"] += kept
+        yield runtime_pb2.ExpertResponse(metadata=protocol.encode_metadata({protocol.HANDED_OFF_KEY: kept}))
 
     # --- clients' LoRA weights -----------------------------------------------------------------
     async def rpc_lora(

@@ -79,7 +79,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
             forward_rps=throughput, torch_dtype=config.dtype, quant_type="none", using_relay=config.use_auto_relay,
             cache_tokens_left=handler.cache_tokens_left, machine=shm.machine_id() if config.shared_memory else None,
             cached_backward=config.cache_mb > 0 and config.cache_ttl > 0, family=cfg.family,
-            adapters=backend.adapter_names, client_lora_rank=config.max_lora_rank,
+            adapters=backend.adapter_names, client_lora_rank=config.max_lora_rank, hands_off=config.handoff_bytes > 0,
         )  # fmt: skip
 
     identity = {"identity_path": config.identity} if config.identity else {}

@@ -26,11 +26,15 @@ from jaxseq.arrays import digest
 from jaxseq.remote import protocol
 
 # the fuzzed server's limits on clients' LoRA weights: "lora oversized" is over the bytes, "lora valid" far under
-SERVER_ARGS = ["--max-tokens", "512", "--max-lora-rank", "64", "--lora-mb", "0.1"]
+# and on tensors handed to it by other servers: "handoff valid" fills them
+SERVER_ARGS = ["--max-tokens", "512", "--max-lora-rank", "64", "--lora-mb", "0.1", "--handoff-mb", "0.1"]
 LORA_RANK_LIMIT = int(SERVER_ARGS[SERVER_ARGS.index("--max-lora-rank") + 1])
 
 # answered normally
-WELL_FORMED = ("valid", "ignorable metadata", "inference valid", "push to no session", "lora valid", "lora forward")
+WELL_FORMED = (
+    "valid", "ignorable metadata", "inference valid", "push to no session", "lora valid", "lora forward",
+    "handoff valid",
+)  # fmt: skip
 MAY_BE_REFUSED = ("inference flood",)  # well-formed sessions that may find the attention cache full
 
 
@@ -226,6 +230,41 @@ class Fuzzer:
                 protocol.RPC_PUSH,
                 req(self.uids(r), [self.hidden_states(r)], MSGPackSerializer.dumps(r.choice([{}, {"session_id": 5}]))),
             ),
+            # server-to-server hops: tensors handed on (rpc_handoff), and calls that name hand-offs
+            "handoff valid": lambda r: (
+                protocol.RPC_HANDOFF,
+                [req("", [self.hidden_states(r)], MSGPackSerializer.dumps({protocol.HANDOFF_KEY: f"h{r.random()}"}))],
+            ),
+            "handoff bad": lambda r: (
+                protocol.RPC_HANDOFF,
+                [
+                    req(
+                        "",
+                        [self.hidden_states(r)] * r.choice([0, 1, 2]),
+                        MSGPackSerializer.dumps(
+                            r.choice([{}, {protocol.HANDOFF_KEY: 5}, {protocol.HANDOFF_KEY: "x" * 200}])
+                        ),
+                    )
+                ],
+            ),
+            "hop metadata bad": lambda r: (
+                r.choice([fwd, bwd]),
+                req(
+                    self.uids(r),
+                    [self.hidden_states(r, 1, 2)] * 2,
+                    MSGPackSerializer.dumps(
+                        r.choice(
+                            [
+                                {protocol.HAND_TO_KEY: "peer"},
+                                {protocol.HAND_TO_KEY: ["not a peer id", "id"]},
+                                {protocol.HAND_TO_KEY: [1, 2, 3]},
+                                {protocol.HAND_FROM_KEY: 7},
+                                {protocol.HAND_FROM_KEY: "id"},  # but the tensor it replaces is sent
+                            ]
+                        )
+                    ),
+                ),
+            ),
             # clients' LoRA weights (rpc_lora), and calls that name them
             "lora valid": lambda r: (protocol.RPC_LORA, self._lora(r)),
             "lora bad": lambda r: (protocol.RPC_LORA, self._bad_lora(r)),
@@ -417,7 +456,7 @@ async def _send(p2p: P2P, peer: PeerID, rpc: str, payload, timeout: float) -> st
     try:
         if rpc == protocol.RPC_INFERENCE:
             return await asyncio.wait_for(session(), timeout)
-        streamed = rpc.endswith("_stream") or rpc == protocol.RPC_LORA
+        streamed = rpc.endswith("_stream") or rpc in (protocol.RPC_LORA, protocol.RPC_HANDOFF)
         return await asyncio.wait_for(stream() if streamed else unary(), timeout)
     except asyncio.TimeoutError:
         return "timeout"
