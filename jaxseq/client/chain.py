@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -138,20 +139,9 @@ async def _forward_hops(
         )
         for span, timeout, cache_id, hop in zip(spans, timeouts, cache_ids, _hops([s.peer for s in spans]))
     ]
-    runs: list[SpanRun] = []
-    try:
-        for span, cache_id, call in zip(spans, cache_ids, calls):
-            try:
-                out, handed = await call
-            except ServerFailure as failure:
-                return runs, x, failure
-            runs.append(SpanRun(span, x, cache_id))
-            x = out
-            if not handed:
-                break
-        return runs, x, None
-    finally:
-        await _cancel(calls)
+    outs, failure = await _handed_in_order(calls)
+    inputs = [x, *outs]
+    return [SpanRun(*run) for run in zip(spans[: len(outs)], inputs, cache_ids)], inputs[-1], failure
 
 
 async def _backward_hops(
@@ -174,26 +164,28 @@ async def _backward_hops(
         )
         for run, timeout, hop in zip(runs, timeouts, _hops([r.span.peer for r in runs]))
     ]
-    results: list[SpanGradients] = []
+    return await _handed_in_order(calls)
+
+
+async def _handed_in_order(calls: Sequence[asyncio.Future]) -> tuple[list, ServerFailure | None]:
+    """The results of a run of hop calls in order: up to the first that failed (and its failure), or up to the
+    first whose server did not hand on (included). The calls still running are then cancelled (their servers
+    drop what they await when it times out)."""
+    results: list[Any] = []
     try:
         for call in calls:
             try:
-                grads, handed = await call
+                result, handed = await call
             except ServerFailure as failure:
                 return results, failure
-            results.append(grads)
+            results.append(result)
             if not handed:
                 break
         return results, None
     finally:
-        await _cancel(calls)
-
-
-async def _cancel(calls: Sequence[asyncio.Future]) -> None:
-    """Cancel the calls still running (their servers drop what they await when it times out) and let them end."""
-    for call in calls:
-        call.cancel()
-    await asyncio.gather(*calls, return_exceptions=True)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
 
 
 async def _rerun_forward(
