@@ -78,6 +78,19 @@ def run_step(step: Callable, *args) -> object:
     return jax.block_until_ready(step(*args))
 
 
+def token_seconds(model: jaxseq.DistributedCausalLM, ids, tokens: int, pause: float = 0.0) -> float:
+    """Median time between consecutive tokens of one greedy generation (the prompt's step excluded), pausing
+    ``pause`` seconds after each token."""
+    stamps: list[float] = []
+
+    def stamp(_) -> None:
+        stamps.append(time.perf_counter())
+        time.sleep(pause)
+
+    model.generate(ids, max_new_tokens=tokens, on_tokens=stamp)
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
 def machine() -> str:
     import os
 
@@ -86,11 +99,16 @@ def machine() -> str:
 
 @contextlib.contextmanager
 def servers_behind_links(
-    network: Network, checkpoint: str | Path, spans: Sequence[tuple[int, int]], link: Link, dht_prefix: str
+    network: Network,
+    checkpoint: str | Path,
+    spans: Sequence[tuple[int, int]],
+    link: Link | Sequence[Link],
+    dht_prefix: str,
 ) -> Iterator[tuple[list[ServerProcess], list[Relay]]]:
-    """A swarm of ``checkpoint``, a server per span, each behind a relay of its own with ``link`` (announcing the
-    relay's address); every server is SIGTERMed on leaving."""
-    relays = [network.relay(link) for _ in spans]
+    """A swarm of ``checkpoint``, a server per span, each behind a relay of its own with ``link`` (or the link of
+    its own, given one per span), announcing the relay's address; every server is SIGTERMed on leaving."""
+    links = [link] * len(spans) if isinstance(link, Link) else list(link)
+    relays = [network.relay(each) for each in links]
     servers: list[ServerProcess] = []
     try:
         for relay, span in zip(relays, spans):

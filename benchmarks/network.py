@@ -42,7 +42,19 @@ from jaxseq import RemoteSequenceManager
 from jaxseq.testing.link import Link, Network, Relay, listening_port
 
 import petals_swarm
-from common import BATCH, CFG, PROMPT_LEN, SEQ, inputs, machine, run_step, servers_behind_links, timed, training_step
+from common import (
+    BATCH,
+    CFG,
+    PROMPT_LEN,
+    SEQ,
+    inputs,
+    machine,
+    run_step,
+    servers_behind_links,
+    timed,
+    token_seconds,
+    training_step,
+)  # fmt: skip
 
 LAYOUTS = {"2x4": [(0, 4), (4, 8)], "4x2": [(0, 2), (2, 4), (4, 6), (6, 8)]}
 PROMPT = 64
@@ -70,19 +82,6 @@ class Row:
     petals_step_s: float | None = None  # medians of the same through Petals 2.2 servers behind the same links
     petals_token_s: float | None = None
     petals_failed: int = 0  # Petals steps that failed in its own backward (see _PETALS), run again
-
-
-def token_seconds(model: jaxseq.DistributedCausalLM, ids: np.ndarray, tokens: int, pause: float = 0.0) -> float:
-    """Median time between consecutive tokens of one greedy generation (the prompt's step excluded), pausing
-    ``pause`` seconds after each token."""
-    stamps: list[float] = []
-
-    def stamp(_) -> None:
-        stamps.append(time.perf_counter())
-        time.sleep(pause)
-
-    model.generate(ids, max_new_tokens=tokens, on_tokens=stamp)
-    return statistics.median(np.diff(stamps))
 
 
 def floor_delay(link: Link, spans: list[tuple[int, int]]) -> float:

@@ -136,7 +136,8 @@ def connections_around_links(servers: list[ServerProcess], manager: RemoteSequen
 
 @pytest.mark.network
 def test_a_server_sigkilled_mid_step_costs_no_step(checkpoint, linked_swarm, local_step):
-    """The server of the second span is SIGKILLed once the first forward has reached it through its link."""
+    """The server of the second span is SIGKILLed once the first forward has reached it through its link (handed
+    on by the first span's server)."""
     _, cfg, _ = checkpoint
     servers, relays, manager = linked_swarm
     step = training_step(lambda x, p: jaxseq.remote_sequential(x, p, manager))
@@ -167,8 +168,14 @@ def test_a_server_sigkilled_mid_step_costs_no_step(checkpoint, linked_swarm, loc
     assert_matches(got, local_step(x, prompts * 1.5))
     assert time.monotonic() - start < CONFIG.deadline
     assert manager.retries > retries
-    # the chain ran through server-to-server hops (the killed server was the one awaiting a hand-off)
+    # the chain ran through server-to-server hops (the killed server was the one awaiting a hand-off), and
+    # gave what the client-driven chain gives, bit for bit
     assert sum(n["sent"] - handed.get(peer, {}).get("sent", 0) for peer, n in handoffs(servers, manager).items()) > 0
+    driven = dataclasses.replace(CONFIG, server_to_server=False)
+    alive = next(s for s in servers if s.process.poll() is None)
+    with RemoteSequenceManager([alive.maddr], manager.dht_prefix, driven) as client_driven:
+        want = training_step(lambda x, p: jaxseq.remote_sequential(x, p, client_driven))(x, prompts * 1.5)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def handoffs(servers: list[ServerProcess], manager: RemoteSequenceManager) -> dict[str, dict[str, int]]:

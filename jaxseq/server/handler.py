@@ -491,8 +491,8 @@ class TransformerConnectionHandler(ServicerBase):
         self, request: Request, results: list, result_places: list | None, stream: bool, timing: dict, arrived: float
     ) -> list[runtime_pb2.ExpertResponse]:
         """The reply, with the server's timing: queue wait, compute, and the rest ("io_s": parsing,
-        checks, moving the tensors between the request, the blocks' memory and the reply; a streamed
-        request's parsing counts as wire time)."""
+        checks, moving the tensors between the request, the blocks' memory and the reply, and in hops waiting
+        for a hand-off and handing on; a streamed request's parsing counts as wire time)."""
         if result_places is not None:
             await asyncio.to_thread(write, result_places, results)
             parts = [runtime_pb2.ExpertResponse()]
