@@ -156,15 +156,19 @@ def test_training_lowers_the_loss_and_loses_no_step_to_a_sigkill(checkpoint, lor
     servers, _ = lora_swarm
     with _manager(lora_swarm) as manager:
         steps_done, killed = [0], []
-        call_backward = manager._call_backward
 
-        async def kill_before_the_third_backward(span, *args):
-            if steps_done[0] == 2 and span.start == 2 and not killed:
-                killed.append(next(s for s in servers[1:] if s.peer_id == span.peer))
-                killed[0].kill()
-            return await call_backward(span, *args)
+        def killing_before_the_third_backward(call):
+            async def call_after_the_kill(span, *args):
+                if steps_done[0] == 2 and span.start == 2 and not killed:
+                    killed.append(next(s for s in servers[1:] if s.peer_id == span.peer))
+                    killed[0].kill()
+                return await call(span, *args)
 
-        manager._call_backward = kill_before_the_third_backward
+            return call_after_the_kill
+
+        # a backward is one call, or part of a run of server-to-server hops: either way the server dies first
+        manager._call_backward = killing_before_the_third_backward(manager._call_backward)
+        manager._call_backward_hop = killing_before_the_third_backward(manager._call_backward_hop)
         model = jaxseq.DistributedCausalLM(path, manager, **options, rngs=nnx.Rngs(0))
         got = _train(model, ids, STEPS, lambda i: steps_done.__setitem__(0, i + 1))
         assert killed and manager.retries > 0  # the kill was met, and routed around
