@@ -171,7 +171,8 @@ def test_same_host_calls_equal_wire_calls(checkpoint, two_servers, shared_memory
     _, cfg, params = checkpoint
     servers, prefix = two_servers
     before = _open_segments()
-    config = jaxseq.ClientConfig(shared_memory=shared_memory)
+    # client-driven both ways: over the wire, server-to-server hops would change what each call carries
+    config = jaxseq.ClientConfig(shared_memory=shared_memory, server_to_server=False)
     with RemoteSequenceManager([servers[0].maddr], prefix, config) as manager:
         cache_before = {s.peer_id: manager.server_info(s.peer_id)["jaxseq_cache"] for s in servers}  # the other case's
         x = jax.random.normal(jax.random.key(0), (3, 9, cfg.hidden_size))
