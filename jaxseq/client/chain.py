@@ -263,10 +263,9 @@ async def chain_backward(
     todo = list(done)
     retries = Retries(manager, deadline, "backward")
     while todo:
-        if len(todo) > 1 and manager.hands_off(todo[-1].span, todo[-2].span):
-            group = [todo.pop()]
-            while todo and manager.hands_off(group[-1].span, todo[-1].span):
-                group.append(todo.pop())
+        hops = _hop_group(manager, [run.span for run in reversed(todo)])
+        if len(hops) > 1:
+            group = [todo.pop() for _ in hops]
             retries.what = (
                 f"backward of blocks {group[-1].span.start}:{group[0].span.end} through server-to-server hops"
             )

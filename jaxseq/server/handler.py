@@ -238,13 +238,16 @@ class TransformerConnectionHandler(ServicerBase):
         handoff_id = metadata.get(protocol.HAND_FROM_KEY)
         if handoff_id is None:
             return None
-        if self.handoffs.max_bytes == 0:
-            raise ProtocolError("this server takes no hand-offs (--handoff-mb 0); send the tensors")
+        self._check_takes_handoffs()
         handoff_id = check_id(handoff_id)
         if len(arrays) <= slot or arrays[slot].size:
             raise ProtocolError(f"a request awaiting a hand-off sends an empty tensor in its place (tensor {slot})")
         arrays[slot] = await self.handoffs.take(handoff_id, self.request_timeout)
         return handoff_id
+
+    def _check_takes_handoffs(self) -> None:
+        if self.handoffs.max_bytes == 0:
+            raise ProtocolError("this server takes no hand-offs (--handoff-mb 0); send the tensors")
 
     async def _hand_on(self, hand_to: tuple[PeerID, str], array, metadata: dict, n_results: int) -> bool:
         """Hand ``array`` on to the next server (compressed as the reply is); whether it took it. A failure only
@@ -278,8 +281,7 @@ class TransformerConnectionHandler(ServicerBase):
         (``protocol.HAND_FROM_KEY``); the reply says whether it is kept."""
         with self._refusals("rpc_handoff", context):
             self._check_client(context)
-            if self.handoffs.max_bytes == 0:
-                raise ProtocolError("this server takes no hand-offs (--handoff-mb 0)")
+            self._check_takes_handoffs()
             request = await self._read_stream(requests)
             handoff_id = check_id(request.metadata.get(protocol.HANDOFF_KEY))
             if len(request.arrays) != 1:
